@@ -1,0 +1,5 @@
+import sys
+
+from skd.cli import main
+
+sys.exit(main())

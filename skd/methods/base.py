@@ -1,0 +1,88 @@
+"""The method protocol: everything method-specific about a training step lives behind it.
+
+A method is an ``nn.Module`` (timm ``task`` style) that owns the student model and any extra
+trainable modules (USKD's weak head, ICKD's embed), holds its state (PS-KD's memory) in its
+``state_dict``, and computes the loss from a batch. The training loop only calls ``forward``,
+``start_epoch`` and ``after_step``, and wraps the whole method for DDP (a frozen teacher has no
+trainable parameters, so DDP reduces no gradients for it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config; each method subclasses it with its own fields."""
+
+    name: str = "ce"
+    """Method name: one of ``skd.methods.list_methods()``."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a method may need to know about the training data."""
+
+    num_classes: int
+    num_samples: int
+    batch_size: int
+    """Per-process training batch size."""
+
+
+class Method(nn.Module):
+    """Base class. Subclasses define ``Config`` and ``forward``; the rest is optional."""
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_partner: ClassVar[bool] = False
+    """The loader must add ``batch["partner"]``: a same-class partner image per anchor (CS-KD)."""
+
+    def __init__(self, model: nn.Module, cfg: MethodConfig, data: DataSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.data = data
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return ``{"loss": scalar, "logits": [B, C]}``, optionally ``"parts"``: a dict of
+        scalar loss terms to log, and any private tensors ``after_step`` needs.
+        """
+        raise NotImplementedError
+
+    def start_epoch(self, epoch: int, num_epochs: int) -> None:
+        """Called before the first step of every epoch (0-indexed), also on resume."""
+
+    @torch.no_grad()
+    def after_step(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+        """Called after every optimizer step with that step's batch and forward output."""
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Per-epoch values worth logging (e.g. PS-KD's α_t)."""
+        return {}
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules that stay in eval mode and out of checkpoints (a teacher)."""
+        return []
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """``state_dict`` without frozen modules: what a checkpoint must hold."""
+        frozen = [name for name, m in self.named_children() if m in self.frozen_modules()]
+        return {k: v for k, v in self.state_dict().items()
+                if not any(k.startswith(f + ".") for f in frozen)}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        frozen = [name for name, m in self.named_children() if m in self.frozen_modules()]
+        missing = [k for k in missing if not any(k.startswith(f + ".") for f in frozen)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match method '{self.cfg.name}': "
+                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")

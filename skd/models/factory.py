@@ -1,0 +1,29 @@
+"""Build the student (any timm model, skd's CIFAR nets included) from a ``ModelConfig``."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import timm
+from torch import nn
+
+import skd.models  # noqa: F401  registers the CIFAR architectures with timm
+
+if TYPE_CHECKING:
+    from skd.config import ModelConfig
+
+
+def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    kwargs = dict(cfg.kwargs)
+    if cfg.drop_rate:
+        kwargs["drop_rate"] = cfg.drop_rate
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.checkpoint:
+        # timm loads a local file through the pretrained-config overlay; num_classes in the
+        # overlay keeps timm from discarding a classifier that already has the right size.
+        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.checkpoint, num_classes=num_classes)
+    if cfg.name not in timm.list_models() and not timm.is_model(cfg.name):
+        raise ValueError(f"config key 'model.name' = {cfg.name!r} is not a timm model "
+                         f"(see timm.list_models())")
+    return timm.create_model(cfg.name, pretrained=cfg.pretrained or bool(cfg.checkpoint),
+                             num_classes=num_classes, **kwargs)

@@ -1,0 +1,51 @@
+"""Atomic checkpoint writes and RNG state round trips."""
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+
+from skd.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
+                            rng_state, save_checkpoint, set_rng_state)
+
+
+def test_save_load_round_trip_and_keep(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint({"step": step, "w": torch.full((3,), float(step))},
+                        checkpoint_path(tmp_path, step), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000002.pt", "step-000000003.pt"]
+    state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["step"] == 3 and torch.equal(state["w"], torch.full((3,), 3.0))
+
+
+def test_kill_during_write_leaves_only_complete_checkpoints(tmp_path):
+    save_checkpoint({"step": 1, "w": torch.ones(4)}, checkpoint_path(tmp_path, 1))
+    # A child process starts writing step 2 and is SIGKILLed half-way through the write.
+    child = textwrap.dedent(f"""
+        import os, signal, torch
+        from skd.checkpoint import checkpoint_path, save_checkpoint
+        real_save = torch.save
+        def dying_save(obj, f):
+            f.write(b"PK\\x03\\x04 half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = dying_save
+        save_checkpoint({{"step": 2, "w": torch.zeros(1 << 20)}}, checkpoint_path({str(tmp_path)!r}, 2))
+    """)
+    proc = subprocess.run([sys.executable, "-c", child])
+    assert proc.returncode == -9
+    assert any(p.name.endswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step-000000001.pt"
+    assert load_checkpoint(latest)["step"] == 1
+
+
+def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_checkpoint({"rng": rng_state()}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -1,0 +1,63 @@
+"""skd.metrics against hand-computed values (PS-KD conventions, METHODS.md §8)."""
+import math
+
+import pytest
+import torch
+
+from skd import metrics
+
+
+def _two_class(confs, correct):
+    """Rows [c, 1−c] (or [1−c, c] when c is the second class's probability) with labels."""
+    probs = torch.tensor([[c, 1 - c] for c in confs], dtype=torch.float64)
+    labels = torch.tensor([0 if ok else 1 for ok in correct])
+    return probs, labels
+
+
+def test_ece_hand_computed():
+    # bins (.9,1]: .95 right → .05; (.8,.9]: .85 wrong → .85; (.7,.8]: .75 right → .25;
+    # (.6,.7]: .62 right + .65 wrong → |0.5 − 0.635| = .135 for 2 samples.
+    probs, labels = _two_class([0.95, 0.85, 0.75, 0.62, 0.65], [1, 0, 1, 1, 0])
+    assert metrics.ece(probs, labels) == pytest.approx(100 * (0.05 + 0.85 + 0.25 + 2 * 0.135) / 5)
+
+
+def test_ece_bins_are_right_closed():
+    # 0.9 belongs to (0.8, 0.9], not to (0.9, 1.0]: 52.5 %; a left-closed binning gives 42.5 %.
+    probs, labels = _two_class([0.9, 0.95], [1, 0])
+    assert metrics.ece(probs, labels) == pytest.approx(52.5)
+
+
+def test_aurc_and_eaurc_hand_computed():
+    # Sorted by confidence: right, wrong, right, wrong → risks 0, 1/2, 1/3, 2/4.
+    probs, labels = _two_class([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0])
+    aurc = (0 + 1 / 2 + 1 / 3 + 2 / 4) / 4
+    optimal = (1 / 3 + 2 / 4) / 4  # both errors ranked last: risks 0, 0, 1/3, 2/4
+    assert metrics.aurc(probs, labels) == pytest.approx(1000 * aurc)
+    assert metrics.eaurc(probs, labels) == pytest.approx(1000 * (aurc - optimal))
+
+
+def test_perfect_ranking_has_zero_eaurc():
+    probs, labels = _two_class([0.99, 0.9, 0.7, 0.6], [1, 1, 0, 0])
+    assert metrics.eaurc(probs, labels) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_topk_and_nll():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2])
+    assert metrics.topk_accuracy(probs, labels, 1) == pytest.approx(100 / 3)
+    assert metrics.topk_accuracy(probs, labels, 2) == pytest.approx(200 / 3)
+    assert metrics.nll(probs, labels) == pytest.approx(-(math.log(0.5) + math.log(0.2) + math.log(0.1)) / 3)
+
+
+def test_summary_from_logits_matches_probability_functions():
+    logits = torch.randn(200, 10, dtype=torch.float64) * 3
+    labels = torch.randint(0, 10, (200,))
+    probs = logits.softmax(1)
+    from_logits = metrics.summarize(metrics.sample_stats_from_log_probs(logits.log_softmax(1), labels))
+    assert from_logits["top1"] == pytest.approx(metrics.topk_accuracy(probs, labels, 1))
+    assert from_logits["top5"] == pytest.approx(metrics.topk_accuracy(probs, labels, 5))
+    assert from_logits["nll"] == pytest.approx(metrics.nll(probs, labels))
+    assert from_logits["ece"] == pytest.approx(metrics.ece(probs, labels))
+    assert from_logits["aurc"] == pytest.approx(metrics.aurc(probs, labels))
+    assert from_logits["eaurc"] == pytest.approx(metrics.eaurc(probs, labels))
+    assert from_logits["num_samples"] == 200
