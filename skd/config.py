@@ -160,6 +160,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    reference: dict[str, Any] = field(default_factory=dict)
+    """Informational: where a preset comes from and what it should reach (source, table, metric,
+    expected value, notes). Not used by training."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")

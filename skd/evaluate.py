@@ -25,6 +25,8 @@ def resolve_shard_dir(value: str, split: str, key: str) -> Path:
     """A shard directory from the config: ``digits`` is the built-in demo data."""
     if value == "digits":
         return digits_shards() / split
+    if not value:
+        raise FileNotFoundError(f"config key '{key}' is not set: pass {key}=SHARD_DIR")
     path = Path(value)
     if not (path / "dataset.json").is_file():
         raise FileNotFoundError(f"config key '{key}' = {value!r}: no dataset.json in {path} "
