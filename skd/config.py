@@ -240,7 +240,12 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
     """Demo defaults when no file is given, else the file; then the ``key=value`` overrides."""
     raw = DEMO_OVERRIDES if config_file is None else load_yaml(config_file)
     where = "demo config" if config_file is None else str(config_file)
-    return build_config(merge(raw, parse_overrides(list(overrides))), where)
+    update = parse_overrides(list(overrides))
+    new_method = update.get("method", {}).get("name")
+    if new_method is not None and new_method != raw.get("method", {}).get("name"):
+        # Another method: the preset's method settings belong to the old one.
+        raw = {k: v for k, v in raw.items() if k != "method"}
+    return build_config(merge(raw, update), where)
 
 
 def build_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
@@ -275,7 +280,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f" (valid keys: {', '.join(prefix + v for v in valid)})"
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
