@@ -1,0 +1,16 @@
+"""The CIFAR nets of the seed papers as timm models; importing this package registers them.
+
+``timm.create_model("resnet32x4_cifar", num_classes=100)`` and friends; see ``README_SECTION.md``.
+"""
+from skd.models.preact_resnet import PreActResNet
+from skd.models.repdistiller import VGG, CifarResNet, WideResNet
+
+CIFAR_MODELS = (
+    "preact_resnet18_cifar",
+    "resnet8_cifar", "resnet8x4_cifar", "resnet32x4_cifar", "resnet20_cifar", "resnet32_cifar", "resnet56_cifar",
+    "resnet110_cifar", "wrn_16_2_cifar", "wrn_40_1_cifar", "wrn_40_2_cifar",
+    "vgg8_cifar", "vgg13_cifar",
+)
+"""Every model name this package registers with timm."""
+
+__all__ = ["CIFAR_MODELS", "PreActResNet", "CifarResNet", "WideResNet", "VGG"]
