@@ -1,0 +1,88 @@
+"""``skd shard``: image folder → WebDataset shards, or index shards made elsewhere."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from skd.data.shard_writer import DEFAULT_MAX_PER_SHARD, ImageFolderError, shard_image_folder
+
+EPILOG = """\
+layouts:
+  IMAGE_FOLDER/CLASS/*.jpg                       -> OUT_DIR/data-000000.tar ...
+  IMAGE_FOLDER/{train,val,test}/CLASS/*.jpg      -> OUT_DIR/train/train-000000.tar ...
+Class index = position of the class folder in sorted order. Each output directory gets
+dataset.json (counts, class names, shards) and samples.npz (labels and byte offsets).
+
+examples:
+  skd shard ~/data/CUB_200_2011/split /data/cub --max-side 320 --quality 90 --workers 8
+  skd shard --index-only /data/imagenet-wds/train
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="skd shard", description="Write WebDataset tar shards + dataset.json from a folder of "
+        "class subfolders, or (--index-only) index shards made elsewhere.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image_folder", nargs="?", metavar="IMAGE_FOLDER",
+                   help="folder of class subfolders, or of train/val/test folders of class subfolders")
+    p.add_argument("out_dir", nargs="?", metavar="OUT_DIR", help="where the shards are written")
+    p.add_argument("--index-only", metavar="SHARD_DIR",
+                   help="write dataset.json and samples.npz for the *.tar shards in SHARD_DIR "
+                   "(e.g. from webdataset.ShardWriter; labels in 'cls'); sample ids follow shard "
+                   "name order and position in the shard")
+    p.add_argument("--max-per-shard", type=int, default=DEFAULT_MAX_PER_SHARD, metavar="N",
+                   help=f"samples per shard (default {DEFAULT_MAX_PER_SHARD})")
+    p.add_argument("--max-side", type=int, metavar="PX",
+                   help="shrink images whose longer side exceeds PX (aspect kept)")
+    p.add_argument("--quality", type=int, metavar="Q", help="re-encode every image as JPEG at quality Q")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="W",
+                   help="encoding processes (default: min(8, CPUs))")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    progress = not args.no_progress
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    if args.max_per_shard < 1:
+        parser.error("--max-per-shard must be >= 1")
+    try:
+        if args.index_only is not None:
+            if args.image_folder or args.out_dir:
+                parser.error("--index-only SHARD_DIR takes no IMAGE_FOLDER / OUT_DIR")
+            from skd.data.sample_index import index_shards
+            info = index_shards(args.index_only, workers=args.workers, progress=progress)
+            print(f"indexed {info.num_samples} samples, {info.num_classes} classes in "
+                  f"{len(info.shards)} shards: {args.index_only}/dataset.json")
+            return 0
+        if not args.image_folder or not args.out_dir:
+            parser.error("give IMAGE_FOLDER and OUT_DIR, or --index-only SHARD_DIR")
+        report = shard_image_folder(args.image_folder, args.out_dir, max_per_shard=args.max_per_shard,
+                                    max_side=args.max_side, quality=args.quality, workers=args.workers,
+                                    progress=progress)
+    except (ImageFolderError, FileNotFoundError, ValueError) as e:
+        print(f"skd shard: error: {e}", file=sys.stderr)
+        return 2
+    for split, info in report.splits.items():
+        where = os.path.join(args.out_dir, split) if split else args.out_dir
+        print(f"{split or 'data'}: {info.num_samples} samples, {info.num_classes} classes, "
+              f"{len(info.shards)} shards -> {where}")
+    if report.stale:
+        print(f"note: {len(report.stale)} other *.tar files in the output are not listed in dataset.json "
+              f"(left from an earlier run?), e.g. {report.stale[0]}")
+    if report.ignored:
+        print(f"ignored {report.ignored} files without an image extension")
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} unreadable image files:")
+        for path, reason in report.skipped:
+            print(f"  {path}: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

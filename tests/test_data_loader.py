@@ -1,0 +1,315 @@
+"""The torch loader: exact per-rank splits, determinism, resume, corrupt data, CS-KD partners."""
+import io
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from skd.data import (PartnerSampler, SampleIndex, ShardFormatError, ShardSetWriter,
+                      create_loader, plan_epoch)
+from skd.data.shard_cmd import main as shard_main
+
+SIZE = 16
+
+
+class Augment:
+    """A picklable random transform that draws from torch, random and numpy."""
+
+    def __call__(self, img):
+        t = TF.to_tensor(img)
+        return torch.roll(t, random.randint(0, 3), dims=2) + 0.01 * torch.rand(1) + 0.01 * float(np.random.rand())
+
+
+def to_tensor(img):
+    return TF.to_tensor(img)
+
+
+def _png(img8):
+    img = Image.fromarray(np.uint8(img8 * 255 / 16)).resize((SIZE, SIZE), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(directory, counts, corrupt=(), num_classes=10):
+    """Shards with the given sample counts; digit i has label i % 10; ids in ``corrupt`` get junk."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    writer = ShardSetWriter(directory, [str(c) for c in range(num_classes)], prefix="train")
+    sid = 0
+    for count in counts:
+        for _ in range(count):
+            i = int(np.flatnonzero(d.target == sid % 10)[sid // 10])
+            writer.add(b"\x89PNG\r\n\x1a\n junk" if sid in corrupt else _png(d.images[i]), "png", sid % 10)
+            sid += 1
+        writer.next_shard()
+    writer.close()
+    return directory
+
+
+def collect(loader):
+    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in loader]
+
+
+def ids_of(batches):
+    return [i for b in batches for i in b["index"].tolist()]
+
+
+@pytest.fixture(scope="module")
+def folder_shards(tmp_path_factory):
+    """ImageFolder of real digits (10 classes x 6) → `skd shard` → 4 shards (16, 16, 16, 12)."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    root = tmp_path_factory.mktemp("loader")
+    for k in range(10):
+        (root / "folder" / f"digit_{k}").mkdir(parents=True)
+        for n, i in enumerate(np.flatnonzero(d.target == k)[:6]):
+            (root / "folder" / f"digit_{k}" / f"{n:02d}.png").write_bytes(_png(d.images[i]))
+    assert shard_main([str(root / "folder"), str(root / "shards"), "--max-per-shard", "16",
+                       "--workers", "1", "--no-progress"]) == 0
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def unequal(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("unequal"), [7, 23, 11, 19])
+
+
+def test_round_trip_every_id_once(folder_shards):
+    loader = create_loader(folder_shards, train=True, batch_size=8, transform=to_tensor, num_workers=2,
+                           drop_last=False, shuffle_buffer=16)
+    assert len(loader) == 8 and loader.info.num_samples == 60
+    batches = collect(loader)
+    assert [len(b["index"]) for b in batches] == [8] * 7 + [4]
+    assert sorted(ids_of(batches)) == list(range(60))
+    for b in batches:
+        assert b["image"].shape[1:] == (3, SIZE, SIZE) and b["image"].dtype == torch.float32
+        assert b["label"].dtype == torch.int64 and b["index"].dtype == torch.int64
+        assert b["label"].tolist() == [i // 6 for i in b["index"].tolist()]  # folder digit_k = class k
+    assert loader.num_corrupt == 0 and loader.state_dict() == {"epoch": 0, "batches": 8}
+
+
+def test_eval_single_rank_in_order_without_workers(folder_shards):
+    loader = create_loader(folder_shards, train=False, batch_size=7, transform=to_tensor, num_workers=0)
+    assert ids_of(collect(loader)) == list(range(60))
+
+
+def test_plan_exact_counts_any_shard_count():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        counts = rng.integers(0, 30, size=rng.integers(1, 7)).tolist()
+        counts[0] += 1
+        n = sum(counts)
+        world, workers, bs = int(rng.integers(1, 6)), int(rng.integers(0, 4)), int(rng.integers(1, 9))
+        for train, drop_last in ((True, False), (True, True), (False, False)):
+            plans = [plan_epoch(counts, epoch=3, seed=1, rank=r, world_size=world, batch_size=bs,
+                                num_workers=workers, train=train, drop_last=drop_last) for r in range(world)]
+            covered = []
+            for p in plans:
+                assert sum(p.batch_sizes) == p.num_samples
+                for w in p.workers:
+                    assert w.batches == list(range(w.worker, p.num_batches, max(1, workers)))
+                    assert sum(s.count for s in w.segments) == sum(w.batch_sizes)
+                    for s in w.segments:
+                        assert 0 <= s.start and s.start + s.count <= counts[s.shard]
+                        base = sum(counts[:s.shard])
+                        covered += range(base + s.start, base + s.start + s.count)
+            if train:
+                assert len({p.num_batches for p in plans}) == 1  # every rank the same batch count
+            if train and not drop_last:
+                assert sorted(set(covered)) == list(range(n)) and len(covered) == world * -(-n // world)
+            elif train:
+                assert len(covered) == len(set(covered)) == world * (n // (world * bs)) * bs
+            else:
+                assert sorted(covered) == list(range(n))  # evaluation: every sample exactly once
+
+
+def test_simulated_ranks_3x2_over_4_unequal_shards(unequal):
+    for drop_last, batches_per_rank in ((False, 5), (True, 5)):
+        seen, lengths = [], []
+        for rank in range(3):
+            loader = create_loader(unequal, train=True, batch_size=4, transform=to_tensor, rank=rank,
+                                   world_size=3, num_workers=2, drop_last=drop_last, seed=5)
+            batches = collect(loader)
+            lengths.append((len(loader), len(batches)))
+            seen += ids_of(batches)
+        assert lengths == [(batches_per_rank, batches_per_rank)] * 3
+        assert sorted(seen) == list(range(60))
+    # 61 samples over 3 ranks: 21 each, the shortfall of 2 filled by wrapping around.
+    odd = write_shards(unequal.parent / "odd", [7, 23, 11, 20])
+    seen = []
+    for rank in range(3):
+        batches = collect(create_loader(odd, train=True, batch_size=4, transform=to_tensor, rank=rank,
+                                        world_size=3, num_workers=2, drop_last=False))
+        assert [len(b["index"]) for b in batches] == [4, 4, 4, 4, 4, 1]
+        seen += ids_of(batches)
+    assert set(seen) == set(range(61)) and len(seen) == 63
+
+
+def test_eval_ranks_cover_every_sample_once(unequal):
+    seen, counts = [], []
+    for rank in range(4):
+        loader = create_loader(unequal, train=False, batch_size=4, transform=to_tensor, rank=rank,
+                               world_size=4, num_workers=2)
+        batches = collect(loader)
+        counts.append(len(batches))
+        assert len(batches) == len(loader)
+        seen += ids_of(batches)
+    assert sorted(seen) == list(range(60)) and max(counts) - min(counts) <= 1
+
+
+def test_same_seed_same_batches_other_epoch_other_order(unequal):
+    def run(epoch, workers=2):
+        loader = create_loader(unequal, train=True, batch_size=8, transform=Augment(), seed=3,
+                               num_workers=workers, shuffle_buffer=10)
+        loader.set_epoch(epoch)
+        return collect(loader)
+
+    a, b = run(1), run(1)
+    assert ids_of(a) == ids_of(b)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    other = ids_of(run(2))
+    assert other != ids_of(a)
+    # drop_last: 7 batches of 8 of the 60 samples, and which 4 are dropped changes with the epoch
+    assert len(set(other)) == len(set(ids_of(a))) == 56 and set(other) != set(ids_of(a))
+    c, d = run(1, workers=0), run(1, workers=0)
+    assert ids_of(c) == ids_of(d) and all(torch.equal(x["image"], y["image"]) for x, y in zip(c, d))
+
+
+@pytest.mark.parametrize("workers, k", [(2, 3), (0, 2)])
+def test_resume_mid_epoch_gives_the_remaining_batches(unequal, workers, k):
+    kwargs = dict(train=True, batch_size=6, transform=Augment(), seed=7, num_workers=workers,
+                  shuffle_buffer=8, world_size=2, rank=1, drop_last=False)
+    full = create_loader(unequal, **kwargs)
+    full.set_epoch(4)
+    expected = collect(full)
+    first = create_loader(unequal, **kwargs)
+    first.set_epoch(4)
+    for n, _ in enumerate(first, 1):
+        if n == k:
+            break
+    state = first.state_dict()
+    assert state == {"epoch": 4, "batches": k}
+    again = create_loader(unequal, **kwargs)
+    again.load_state_dict(state)
+    again.set_epoch(4)  # what the trainer does: the same epoch keeps the position
+    assert again.state_dict() == state
+    rest = collect(again)
+    assert len(rest) == len(expected) - k
+    for x, y in zip(rest, expected[k:]):
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["image"], y["image"])
+    assert again.state_dict() == {"epoch": 4, "batches": len(expected)}
+    assert ids_of(collect(again)) == ids_of(expected)  # the next iter() starts the epoch over
+    again.set_epoch(5)
+    assert again.state_dict() == {"epoch": 5, "batches": 0}
+
+
+def test_in_process_loading_leaves_global_rngs_alone(unequal):
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    expected = (torch.rand(1).item(), random.random(), np.random.rand())
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    collect(create_loader(unequal, train=True, batch_size=16, transform=Augment(), num_workers=0))
+    assert (torch.rand(1).item(), random.random(), np.random.rand()) == expected
+
+
+def test_corrupt_sample_in_shard_skipped_and_counted(tmp_path, caplog):
+    shards = write_shards(tmp_path, [10, 10], corrupt={13})
+    loader = create_loader(shards, train=False, batch_size=5, transform=to_tensor, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="skd.data"):
+        batches = collect(loader)
+    assert [len(b["index"]) for b in batches] == [5, 5, 4, 5]
+    assert ids_of(batches) == [i for i in range(20) if i != 13]
+    assert loader.num_corrupt == 1
+    assert "train-000001.tar" in caplog.text and "'000000013'" in caplog.text
+    workers = create_loader(shards, train=True, batch_size=5, transform=to_tensor, num_workers=2)
+    assert len(ids_of(collect(workers))) == 19 and workers.num_corrupt == 1
+
+
+def test_missing_shard_is_named_before_training(tmp_path):
+    shards = write_shards(tmp_path, [5, 5, 5])
+    (shards / "train-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="train-000001.tar"):
+        create_loader(shards, train=True, batch_size=4, transform=to_tensor)
+
+
+def test_label_out_of_range_names_shard_and_key(tmp_path):
+    shards = write_shards(tmp_path, [6, 6])
+    meta = json.loads((shards / "dataset.json").read_text())
+    meta["num_classes"], meta["class_names"] = 8, meta["class_names"][:8]
+    (shards / "dataset.json").write_text(json.dumps(meta))
+    loader = create_loader(shards, train=False, batch_size=4, transform=to_tensor, num_workers=0)
+    with pytest.raises(ShardFormatError, match=r"train-000001\.tar: sample '000000008' has label 8"):
+        collect(loader)
+
+
+def test_foreign_shards_load_after_index_only(tmp_path):
+    import webdataset as wds
+    from sklearn.datasets import load_digits
+    images = load_digits().images
+    labels = [(3 * i) % 5 for i in range(17)]
+    with wds.ShardWriter(str(tmp_path / "other-%06d.tar"), maxcount=6, verbose=0) as sink:
+        for i, label in enumerate(labels):
+            sink.write({"__key__": f"photo_{chr(97 + i)}", "png": _png(images[i]), "cls": label})
+    assert shard_main(["--index-only", str(tmp_path), "--no-progress"]) == 0
+    loader = create_loader(tmp_path, train=True, batch_size=5, transform=to_tensor, num_workers=2,
+                           drop_last=False, world_size=2, rank=0)
+    other = create_loader(tmp_path, train=True, batch_size=5, transform=to_tensor, num_workers=2,
+                          drop_last=False, world_size=2, rank=1)
+    batches = collect(loader) + collect(other)
+    assert sorted(set(ids_of(batches))) == list(range(17))
+    for b in batches:
+        assert b["label"].tolist() == [labels[i] for i in b["index"].tolist()]
+
+
+# ------------------------------------------------------------------------------- partners
+def test_partner_sampler_same_class_uniform_anchor_possible():
+    labels = np.array([0, 1, 2, 1, 0, 1, 1, 2, 0, 1, 2, 2, 2, 2])
+    sampler = PartnerSampler(labels)
+    gen = np.random.default_rng(0)
+    anchors = np.tile(np.arange(len(labels)), 2000)
+    partners = sampler.draw(labels[anchors], gen)
+    assert (labels[partners] == labels[anchors]).all()
+    assert (partners == anchors).any()  # the anchor itself can be drawn
+    from scipy.stats import chisquare
+    for c in range(3):
+        members = np.flatnonzero(labels == c)
+        drawn = partners[labels[anchors] == c]
+        observed = np.array([(drawn == m).sum() for m in members])
+        assert observed.sum() == len(drawn)
+        assert chisquare(observed).pvalue > 1e-3, (c, observed)
+    with pytest.raises(ValueError, match="no training samples of class"):
+        PartnerSampler(labels, num_classes=4).draw([3], gen)
+
+
+def test_loader_with_partner(unequal):
+    index = SampleIndex.load(unequal)
+    loader = create_loader(unequal, train=True, batch_size=8, transform=to_tensor, num_workers=2,
+                           with_partner=True, seed=2)
+    batches = collect(loader)
+    assert len(batches) == 7
+    for b in batches:
+        assert b["partner"].shape == b["image"].shape
+        assert (index.labels[b["partner_index"].numpy()] == b["label"].numpy()).all()
+        pid = int(b["partner_index"][0])
+        expected = to_tensor(Image.open(io.BytesIO(index.read_image_bytes(pid))).convert("RGB"))
+        assert torch.equal(b["partner"][0], expected)
+    again = collect(create_loader(unequal, train=True, batch_size=8, transform=to_tensor, num_workers=2,
+                                  with_partner=True, seed=2))
+    assert all(torch.equal(x["partner_index"], y["partner_index"]) for x, y in zip(batches, again))
+
+
+def test_without_samples_npz_same_batches_by_scanning(unequal, tmp_path):
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(unequal, bare)
+    (bare / "samples.npz").unlink()
+    kwargs = dict(train=True, batch_size=8, transform=to_tensor, seed=11, num_workers=0, world_size=2, rank=1)
+    seek, scan = collect(create_loader(unequal, **kwargs)), collect(create_loader(bare, **kwargs))
+    assert ids_of(seek) == ids_of(scan) and all(torch.equal(a["image"], b["image"]) for a, b in zip(seek, scan))
+    with pytest.raises(FileNotFoundError, match="with_partner needs samples.npz"):
+        create_loader(bare, with_partner=True, **kwargs)
