@@ -10,19 +10,23 @@ import torch.nn.functional as F
 
 __all__ = ["softmax_kl", "pskd_loss"]
 
-_REDUCTIONS = ("batchmean", "none")
+REDUCTIONS = ("batchmean", "none")
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.double() if x.dtype == torch.float64 else x.float()
 
 
-def _reduce(rows_N: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "batchmean":
-        return rows_N.mean()
-    if reduction == "none":
-        return rows_N
-    raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def reduce_rows(rows_N: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``"batchmean"``: the mean over rows; ``"none"``: the rows as they are. (Shared with the
+    Triton path.)"""
+    check_reduction(reduction)
+    return rows_N.mean() if reduction == "batchmean" else rows_N
 
 
 def softmax_kl(
@@ -50,7 +54,7 @@ def softmax_kl(
     rows_N = kl_weight * kl_N
     if labels is not None:
         rows_N = rows_N + ce_weight * F.cross_entropy(s_NC, labels, reduction="none")
-    return _reduce(rows_N, reduction)
+    return reduce_rows(rows_N, reduction)
 
 
 def pskd_loss(
@@ -76,4 +80,4 @@ def pskd_loss(
     rows_N = -(target_NC * log_q_NC).sum(-1)
     if probs_out is not None:
         probs_out.copy_(log_q_NC.detach().exp())
-    return _reduce(rows_N, reduction)
+    return reduce_rows(rows_N, reduction)

@@ -1,0 +1,281 @@
+"""Temperature-scaled KL divergence between two softmaxes, with an optional fused hard-label CE.
+
+Layout (as Liger's ``ops/kl_div.py``): the ``@triton.jit`` kernels, their host launchers, the custom
+ops that make the launchers opaque to ``torch.compile``, the autograd Function, then the public
+function, which sends CPU tensors to ``kernels.reference`` unless ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _dispatch, reference
+
+__all__ = ["softmax_kl"]
+
+# Finite "minus infinity" for padded lanes and rows: exp() of it is 0, and padded rows never meet
+# inf - inf (so no NaN is ever computed, also not in rows that are not stored).
+_NEG = tl.constexpr(-1e30)
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _softmax_kl_fwd_kernel(
+    s_ptr, s_stride,  # [B, C] student logits, any float dtype; row stride in elements
+    t_ptr, t_stride,  # [B, C] teacher logits
+    y_ptr,  # [B] integer labels, read if HAS_LABELS
+    loss_ptr,  # [B] fp32 out: the loss of each row
+    stats_ptr,  # [B, 3] fp32 out: lse(s/T), lse(t/T), lse(s), saved for the backward
+    B, C,
+    inv_T,  # 1 / T
+    kl_scale,  # kl_weight * T^2
+    ce_weight,
+    HAS_LABELS: tl.constexpr,
+    CE_OWN_LSE: tl.constexpr,  # labels and T != 1: the CE needs the lse of the unscaled logits
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    cols = tl.arange(0, BLOCK_C)
+    s_rows = s_ptr + rows[:, None] * s_stride
+    t_rows = t_ptr + rows[:, None] * t_stride
+
+    # One online pass over the row. a = s/T, b = t/T; running maxima m_*, normalisers d_* (sums of
+    # exp(x - m)), and w = sum exp(b - m_b) * ((b - m_b) - (a - m_a)), kept centred on the running
+    # maxima so that large logits (1e4) do not cancel. Then KL = w/d_b - log d_b + log d_a.
+    m_a = tl.full([BLOCK_B], _NEG, tl.float32)
+    m_b = tl.full([BLOCK_B], _NEG, tl.float32)
+    m_s = tl.full([BLOCK_B], _NEG, tl.float32)
+    d_a = tl.zeros([BLOCK_B], tl.float32)
+    d_b = tl.zeros([BLOCK_B], tl.float32)
+    d_s = tl.zeros([BLOCK_B], tl.float32)
+    w = tl.zeros([BLOCK_B], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cols
+        mask = row_ok[:, None] & (c < C)[None, :]
+        s = tl.load(s_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.where(mask, s * inv_T, _NEG)
+        b = tl.where(mask, t * inv_T, _NEG)
+        m_a_new = tl.maximum(m_a, tl.max(a, axis=1))
+        m_b_new = tl.maximum(m_b, tl.max(b, axis=1))
+        a_c = a - m_a_new[:, None]
+        b_c = b - m_b_new[:, None]
+        e_b = tl.exp(b_c)
+        r_b = tl.exp(m_b - m_b_new)
+        shift = (m_b - m_b_new) - (m_a - m_a_new)  # re-centres w on the new maxima
+        w = r_b * (w + d_b * shift) + tl.sum(e_b * (b_c - a_c), axis=1)
+        d_b = r_b * d_b + tl.sum(e_b, axis=1)
+        d_a = tl.exp(m_a - m_a_new) * d_a + tl.sum(tl.exp(a_c), axis=1)
+        m_a = m_a_new
+        m_b = m_b_new
+        if CE_OWN_LSE:
+            x = tl.where(mask, s, _NEG)
+            m_s_new = tl.maximum(m_s, tl.max(x, axis=1))
+            d_s = tl.exp(m_s - m_s_new) * d_s + tl.sum(tl.exp(x - m_s_new[:, None]), axis=1)
+            m_s = m_s_new
+
+    log_d_a = tl.log(d_a)
+    log_d_b = tl.log(d_b)
+    loss = kl_scale * (w / d_b - log_d_b + log_d_a)
+    lse_a = m_a + log_d_a
+    lse_s = lse_a
+    if HAS_LABELS:
+        if CE_OWN_LSE:
+            lse_s = m_s + tl.log(d_s)
+        y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        s_y = tl.load(s_ptr + rows * s_stride + y, mask=row_ok, other=0.0).to(tl.float32)
+        loss += ce_weight * (lse_s - s_y)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(stats_ptr + rows * 3, lse_a, mask=row_ok)
+    tl.store(stats_ptr + rows * 3 + 1, m_b + log_d_b, mask=row_ok)
+    tl.store(stats_ptr + rows * 3 + 2, lse_s, mask=row_ok)
+
+
+@triton.jit
+def _softmax_kl_bwd_kernel(
+    g_ptr, g_stride,  # [B] grad of each row's loss (stride 0 when expanded from a mean)
+    s_ptr, s_stride,  # [B, C] student logits
+    t_ptr, t_stride,  # [B, C] teacher logits
+    y_ptr,  # [B] integer labels, read if HAS_LABELS
+    stats_ptr,  # [B, 3] fp32: lse(s/T), lse(t/T), lse(s) from the forward
+    ds_ptr,  # [B, C] out, contiguous, the student's dtype: grad of the student logits
+    B, C,
+    inv_T,
+    kl_coef,  # kl_weight * T  (d(T^2 KL)/ds = T (q - p))
+    ce_weight,
+    HAS_LABELS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    cols = tl.arange(0, BLOCK_C)
+    g = tl.load(g_ptr + rows * g_stride, mask=row_ok, other=0.0).to(tl.float32)
+    lse_a = tl.load(stats_ptr + rows * 3, mask=row_ok, other=0.0)
+    lse_b = tl.load(stats_ptr + rows * 3 + 1, mask=row_ok, other=0.0)
+    lse_s = tl.load(stats_ptr + rows * 3 + 2, mask=row_ok, other=0.0)
+    y = tl.zeros([BLOCK_B], tl.int64)
+    if HAS_LABELS:
+        y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    s_rows = s_ptr + rows[:, None] * s_stride
+    t_rows = t_ptr + rows[:, None] * t_stride
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cols
+        mask = row_ok[:, None] & (c < C)[None, :]
+        s = tl.load(s_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = tl.exp(s * inv_T - lse_a[:, None])
+        p = tl.exp(t * inv_T - lse_b[:, None])
+        d = kl_coef * (q - p)
+        if HAS_LABELS:
+            onehot = tl.where(c[None, :] == y[:, None], 1.0, 0.0)
+            d += ce_weight * (tl.exp(s - lse_s[:, None]) - onehot)
+        tl.store(ds_ptr + rows[:, None] * C + c[None, :],
+                 (g[:, None] * d).to(ds_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# host launchers
+# ------------------------------------------------------------------------------------------------
+def _forward(s_BC, t_BC, labels_B, temperature, ce_weight, kl_weight):
+    B, C = s_BC.shape
+    loss_B = torch.empty(B, dtype=torch.float32, device=s_BC.device)
+    stats_B3 = torch.empty(B, 3, dtype=torch.float32, device=s_BC.device)
+    if B == 0:
+        return loss_B, stats_B3
+    block_b, block_c, options = _dispatch.launch_config(B, C, s_BC.device)
+    has_labels = labels_B is not None
+    _softmax_kl_fwd_kernel[(triton.cdiv(B, block_b),)](
+        s_BC, s_BC.stride(0), t_BC, t_BC.stride(0),
+        labels_B if has_labels else loss_B, loss_B, stats_B3,
+        B, C, 1.0 / temperature, kl_weight * temperature * temperature, ce_weight,
+        HAS_LABELS=has_labels, CE_OWN_LSE=has_labels and temperature != 1.0,
+        BLOCK_B=block_b, BLOCK_C=block_c, **options,
+    )
+    return loss_B, stats_B3
+
+
+def _backward(grad_B, s_BC, t_BC, labels_B, stats_B3, temperature, ce_weight, kl_weight):
+    B, C = s_BC.shape
+    ds_BC = torch.empty((B, C), dtype=s_BC.dtype, device=s_BC.device)
+    if B == 0:
+        return ds_BC
+    block_b, block_c, options = _dispatch.launch_config(B, C, s_BC.device)
+    has_labels = labels_B is not None
+    _softmax_kl_bwd_kernel[(triton.cdiv(B, block_b),)](
+        grad_B, grad_B.stride(0), s_BC, s_BC.stride(0), t_BC, t_BC.stride(0),
+        labels_B if has_labels else stats_B3, stats_B3, ds_BC,
+        B, C, 1.0 / temperature, kl_weight * temperature, ce_weight,
+        HAS_LABELS=has_labels, BLOCK_B=block_b, BLOCK_C=block_c, **options,
+    )
+    return ds_BC
+
+
+# Custom ops: torch.compile and CUDA graphs see one opaque call with a fake (shape-only) version.
+@torch.library.custom_op("skd_kernels::softmax_kl_fwd", mutates_args=())
+def _softmax_kl_fwd_op(s_BC: torch.Tensor, t_BC: torch.Tensor, labels_B: Optional[torch.Tensor],
+                       temperature: float, ce_weight: float, kl_weight: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(s_BC, t_BC, labels_B, temperature, ce_weight, kl_weight)
+
+
+@_softmax_kl_fwd_op.register_fake
+def _(s_BC, t_BC, labels_B, temperature, ce_weight, kl_weight):
+    B = s_BC.shape[0]
+    return s_BC.new_empty(B, dtype=torch.float32), s_BC.new_empty(B, 3, dtype=torch.float32)
+
+
+@torch.library.custom_op("skd_kernels::softmax_kl_bwd", mutates_args=())
+def _softmax_kl_bwd_op(grad_B: torch.Tensor, s_BC: torch.Tensor, t_BC: torch.Tensor,
+                       labels_B: Optional[torch.Tensor], stats_B3: torch.Tensor,
+                       temperature: float, ce_weight: float, kl_weight: float) -> torch.Tensor:
+    return _backward(grad_B, s_BC, t_BC, labels_B, stats_B3, temperature, ce_weight, kl_weight)
+
+
+@_softmax_kl_bwd_op.register_fake
+def _(grad_B, s_BC, t_BC, labels_B, stats_B3, temperature, ce_weight, kl_weight):
+    return torch.empty(s_BC.shape, dtype=s_BC.dtype, device=s_BC.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------------
+class SoftmaxKLFunction(torch.autograd.Function):
+    r"""Per-row loss, with ``a = s/T``, ``b = t/T``, ``q = softmax(a)``, ``p = softmax(b)``:
+
+        loss_i = kl_weight · T² · Σ_c p_c (log p_c − log q_c) + ce_weight · (lse(s_i) − s_{i,y_i})
+
+    (the CE term only with labels; it is taken at T = 1 on the raw student logits), and
+
+        ∂loss_i/∂s_i = kl_weight · T · (q − p)  +  ce_weight · (softmax(s_i) − onehot(y_i)).
+
+    The forward reads each row once (online max and sum), returns the fp32 row losses and saves
+    the three log-sum-exps of each row; the backward recomputes the gradient from the logits and
+    those, scaled by the incoming row gradient in fp32, and writes it to a new tensor in the
+    student's dtype. Recomputing moves as many bytes as saving the gradient when a row fits in one
+    block, fewer when it does not, and keeps no ``[B, C]`` buffer alive between the two passes.
+    The teacher gets no gradient; no input is ever written.
+    """
+
+    @staticmethod
+    def forward(ctx, s_BC, t_BC, labels_B, temperature, ce_weight, kl_weight):
+        loss_B, stats_B3 = _softmax_kl_fwd_op(s_BC, t_BC, labels_B, temperature, ce_weight,
+                                              kl_weight)
+        ctx.save_for_backward(s_BC, t_BC, labels_B, stats_B3)
+        ctx.hparams = (temperature, ce_weight, kl_weight)
+        return loss_B
+
+    @staticmethod
+    def backward(ctx, grad_B):
+        s_BC, t_BC, labels_B, stats_B3 = ctx.saved_tensors
+        ds_BC = None
+        if ctx.needs_input_grad[0]:
+            ds_BC = _softmax_kl_bwd_op(grad_B, s_BC, t_BC, labels_B, stats_B3, *ctx.hparams)
+        return ds_BC, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# public function
+# ------------------------------------------------------------------------------------------------
+def softmax_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    *,
+    labels: torch.Tensor | None = None,
+    ce_weight: float = 1.0,
+    kl_weight: float = 1.0,
+) -> torch.Tensor:
+    """``kl_weight·T²·KL(softmax(t/T) ‖ softmax(s/T))`` per row, plus ``ce_weight·CE(s, labels)``
+    when ``labels`` is given, fused in one kernel. Returns fp32: the mean over rows
+    (``"batchmean"``) or one value per row (``"none"``).
+
+    Logits are ``[..., C]``, fp32, bf16 or fp16, with any row stride (a class dimension that is
+    not contiguous is copied). The teacher gets no gradient. CUDA tensors (and CPU tensors under
+    ``TRITON_INTERPRET=1``) run the Triton kernel; other tensors, and float64 ones, run
+    ``kernels.reference.softmax_kl``.
+    ``temperature``, ``ce_weight`` and ``kl_weight`` are Python numbers.
+    """
+    if not _dispatch.use_triton(student_logits):
+        return reference.softmax_kl(student_logits, teacher_logits, temperature, reduction,
+                                    labels=labels, ce_weight=ce_weight, kl_weight=kl_weight)
+    reference.check_reduction(reduction)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"student {tuple(student_logits.shape)} and teacher "
+                         f"{tuple(teacher_logits.shape)} logits differ in shape")
+    s_BC = _dispatch.as_rows(student_logits)
+    t_BC = _dispatch.as_rows(teacher_logits.detach())
+    labels_B = None if labels is None else labels.reshape(-1)
+    loss_B = SoftmaxKLFunction.apply(s_BC, t_BC, labels_B, float(temperature), float(ce_weight),
+                                     float(kl_weight))
+    return reference.reduce_rows(loss_B.reshape(student_logits.shape[:-1]), reduction)

@@ -1,0 +1,38 @@
+"""Shared pytest set-up: the Triton interpreter on machines without a GPU, a seed per test, and
+``@pytest.mark.gpu`` tests skipped where CUDA is missing."""
+import os
+
+# Before anything imports a @triton.jit kernel: Triton chooses compiled or interpreted at
+# decoration time. Without a GPU the kernels then run on CPU tensors through the interpreter; with
+# one they are compiled, unless TRITON_INTERPRET is set by the caller.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same random state, whatever ran before it."""
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)  # also seeds every CUDA device
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

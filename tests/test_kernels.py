@@ -1,0 +1,421 @@
+"""Triton kernels against ``kernels.reference`` computed in float64.
+
+Without a GPU the kernels run on CPU tensors through the Triton interpreter (``TRITON_INTERPRET=1``,
+set by conftest.py); with one, on CUDA tensors. Loss and gradient are compared on the same inputs
+(rounded to the input dtype first), so the loss is held to fp32 accuracy for every dtype and only
+the gradient, written in the input dtype, gets a per-dtype tolerance.
+"""
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels import _dispatch, reference
+
+# kernels.softmax_kl is the function; these are the modules that define the kernels.
+softmax_kl_mod = importlib.import_module("kernels.softmax_kl")
+pskd_mod = importlib.import_module("kernels.pskd")
+
+if _dispatch.INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = None
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs TRITON_INTERPRET=1 or a CUDA device")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LOSS_TOL = 2e-5  # relative to the loss scale: fp32 accumulation, whatever the input dtype
+GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # the output rounding
+
+
+def assert_close(actual, expected, tol):
+    """|actual − expected| ≤ tol·(|expected| + max|expected|), elementwise, in float64."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.isfinite(actual).all()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * max(scale, 1e-12))
+
+
+def weight_rows(loss, reduction, B):
+    """A scalar whose gradient w.r.t. the loss is not 1: ×3 for a mean, random weights per row."""
+    if reduction == "batchmean":
+        return loss * 3.0
+    return (loss * torch.linspace(-1.0, 2.0, B, dtype=loss.dtype, device=loss.device)).sum()
+
+
+def logits(B, C, dtype, scale=3.0):
+    return (torch.randn(B, C, device=DEVICE) * scale).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# softmax_kl
+# ------------------------------------------------------------------------------------------------
+def check_softmax_kl(s, t, T, reduction="batchmean", labels=None, ce_weight=1.0, kl_weight=1.0):
+    """Kernel vs float64 reference: loss, student gradient (grad_output != 1), no teacher
+    gradient, inputs unchanged."""
+    s = s.detach().requires_grad_()
+    t = t.detach().requires_grad_()
+    s0, t0 = s.detach().clone(), t.detach().clone()
+    kw = dict(labels=labels, ce_weight=ce_weight, kl_weight=kl_weight)
+    loss = kernels.softmax_kl(s, t, T, reduction, **kw)
+    assert loss.dtype == torch.float32
+    weight_rows(loss, reduction, s.shape[0]).backward()
+
+    s64 = s.detach().double().requires_grad_()
+    ref = reference.softmax_kl(s64, t.detach().double(), T, reduction, **kw)
+    weight_rows(ref, reduction, s.shape[0]).backward()
+
+    assert_close(loss, ref, LOSS_TOL)
+    assert s.grad.dtype == s.dtype and s.grad.shape == s.shape
+    assert_close(s.grad, s64.grad, GRAD_TOL[s.dtype])
+    assert t.grad is None
+    assert torch.equal(s.detach(), s0) and torch.equal(t.detach(), t0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,C", [(1, 1), (1, 7), (4, 7), (37, 1000), (5, 1031), (2, 21841)])
+@pytest.mark.parametrize("with_labels", [False, True], ids=["kl", "kl+ce"])
+def test_softmax_kl_shapes_and_dtypes(B, C, dtype, with_labels):
+    labels = torch.randint(0, C, (B,), device=DEVICE) if with_labels else None
+    check_softmax_kl(logits(B, C, dtype), logits(B, C, dtype), 4.0, labels=labels)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [0.5, 1.0, 4.0, 20.0])
+def test_softmax_kl_temperatures(T, dtype):
+    B, C = 13, 1001
+    labels = torch.randint(0, C, (B,), device=DEVICE)
+    check_softmax_kl(logits(B, C, dtype), logits(B, C, dtype), T, "none", labels=labels,
+                     ce_weight=0.7, kl_weight=1.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [0.5, 4.0])
+def test_softmax_kl_extreme_logits(T, dtype):
+    B, C = 6, 300
+    s = logits(B, C, dtype, scale=1e4).clamp(-1e4, 1e4)
+    t = logits(B, C, dtype, scale=1e4).clamp(-1e4, 1e4)
+    t[0] = s[0]  # KL exactly 0 at |logits| = 1e4
+    s[1] = (s[1].float() / 64).round() * 64  # multiples of 64: exact in every dtype, also + 2048
+    t[1] = s[1].float() + 2048  # a constant shift: KL 0 again
+    s[2, :] = 1e4  # a flat row
+    check_softmax_kl(s, t, T, "none", labels=torch.randint(0, C, (B,), device=DEVICE))
+    loss = kernels.softmax_kl(s, t, T, "none")
+    assert loss[0].abs().item() <= 1e-4 and loss[1].abs().item() <= 1e-4 * T * T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_softmax_kl_multi_block_rows(monkeypatch, dtype):
+    """Rows wider than one block (here 128 columns): the online max/sum path."""
+    monkeypatch.setattr(_dispatch, "MAX_BLOCK_C", 128)
+    B, C = 6, 1031
+    check_softmax_kl(logits(B, C, dtype), logits(B, C, dtype), 2.0, "none",
+                     labels=torch.randint(0, C, (B,), device=DEVICE), ce_weight=0.5)
+
+
+def test_softmax_kl_strided_rows():
+    B, C = 9, 300
+    big_s = logits(B, C + 17, torch.float32)
+    big_t = logits(B, 2 * C, torch.float32)
+    s, t = big_s[:, 5:5 + C], big_t[:, ::2]  # a row stride of C + 17; a class stride of 2
+    assert _dispatch.as_rows(s).data_ptr() == s.data_ptr()  # sliced rows are not copied
+    check_softmax_kl(s, t, 2.0, labels=torch.randint(0, C, (B,), device=DEVICE))
+    # One teacher row broadcast to the batch (row stride 0).
+    check_softmax_kl(big_s[:, :C], big_t[0, :C].expand(B, C), 3.0, "none")
+
+
+def test_softmax_kl_leading_dims_and_errors():
+    s, t = logits(6, 50, torch.float32), logits(6, 50, torch.float32)
+    rows = kernels.softmax_kl(s.view(2, 3, 50), t.view(2, 3, 50), 2.0, "none")
+    assert rows.shape == (2, 3)
+    expected = reference.softmax_kl(s.double(), t.double(), 2.0, "none")
+    assert_close(rows.flatten(), expected, LOSS_TOL)
+    with pytest.raises(ValueError, match="reduction"):
+        kernels.softmax_kl(s, t, reduction="mean")
+    with pytest.raises(ValueError, match="shape"):
+        kernels.softmax_kl(s, t[:, :49])
+
+
+# ------------------------------------------------------------------------------------------------
+# pskd_loss
+# ------------------------------------------------------------------------------------------------
+def check_pskd(z, labels, memory, index, alpha, reduction="batchmean", probs_dtype=None):
+    """Kernel vs float64 reference: loss, gradient (grad_output != 1), probs_out, memory intact."""
+    z = z.detach().requires_grad_()
+    z0, memory0 = z.detach().clone(), memory.clone()
+    probs = None if probs_dtype is None else torch.full(z.shape, float("nan"), dtype=probs_dtype,
+                                                       device=z.device)
+    loss = kernels.pskd_loss(z, labels, memory, index, alpha, reduction, probs_out=probs)
+    assert loss.dtype == torch.float32
+    weight_rows(loss, reduction, z.shape[0]).backward()
+
+    z64 = z.detach().double().requires_grad_()
+    alpha64 = alpha.double() if isinstance(alpha, torch.Tensor) else alpha
+    ref = reference.pskd_loss(z64, labels, memory.double(), index, alpha64, reduction)
+    weight_rows(ref, reduction, z.shape[0]).backward()
+
+    assert_close(loss, ref, LOSS_TOL)
+    assert z.grad.dtype == z.dtype
+    assert_close(z.grad, z64.grad, GRAD_TOL[z.dtype])
+    if probs is not None:
+        probs_tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[probs_dtype]
+        torch.testing.assert_close(probs.double().cpu(), torch.softmax(z64.detach(), -1).cpu(),
+                                   rtol=probs_tol, atol=probs_tol)
+    assert torch.equal(memory, memory0) and torch.equal(z.detach(), z0)
+
+
+def pskd_inputs(B, C, dtype, memory_dtype, N=64):
+    memory = torch.softmax(torch.randn(N, C, device=DEVICE) * 2, -1).to(memory_dtype)
+    index = torch.randint(0, N, (B,), device=DEVICE)
+    index[-1] = index[0]  # a duplicate index
+    return logits(B, C, dtype), torch.randint(0, C, (B,), device=DEVICE), memory, index
+
+
+@pytest.mark.parametrize("memory_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,C", [(1, 1), (1, 7), (37, 1000), (5, 1031), (2, 21841)])
+def test_pskd_shapes_and_memory_dtypes(B, C, memory_dtype):
+    z, labels, memory, index = pskd_inputs(B, C, torch.float32, memory_dtype)
+    check_pskd(z, labels, memory, index, 0.35, probs_dtype=memory_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 0.35, "tensor"])
+def test_pskd_alpha_and_logit_dtypes(dtype, alpha):
+    z, labels, memory, index = pskd_inputs(13, 1001, dtype, torch.float16)
+    if alpha == "tensor":
+        alpha = torch.tensor(0.35, device=DEVICE)
+    check_pskd(z, labels, memory, index, alpha, "none", probs_dtype=dtype)
+
+
+def test_pskd_duplicate_indices_and_unnormalised_memory():
+    """Every row reads memory row 3; rows of zeros (the official initial memory) and of sums != 1
+    make the target sum S differ from 1, which the gradient S·softmax − target must honour."""
+    B, C = 8, 50
+    z, labels, _, _ = pskd_inputs(B, C, torch.float32, torch.float32)
+    memory = torch.rand(5, C, device=DEVICE)
+    memory[3] = 0.0
+    all_three = torch.full((B,), 3, device=DEVICE)
+    check_pskd(z, labels, memory, all_three, 0.6, probs_dtype=torch.float32)
+    pairs = torch.tensor([1, 1, 2, 2, 0, 0, 4, 4], device=DEVICE)
+    check_pskd(z, labels, memory, pairs, 0.6, "none")
+
+
+def test_pskd_multi_block_rows_and_strides(monkeypatch):
+    """Rows wider than one block (here 128 columns), logits and probs_out with a row stride."""
+    monkeypatch.setattr(_dispatch, "MAX_BLOCK_C", 128)
+    B, C = 6, 1031
+    _, labels, memory, index = pskd_inputs(B, C, torch.float32, torch.bfloat16)
+    z = logits(B, C + 9, torch.bfloat16)[:, 4:4 + C]
+    z = z.detach().requires_grad_()
+    probs = torch.zeros(B, C + 3, dtype=torch.float32, device=DEVICE)
+    loss = kernels.pskd_loss(z, labels, memory, index, 0.5, probs_out=probs[:, :C])
+    loss.backward()
+    ref_probs = torch.softmax(z.detach().double(), -1)
+    torch.testing.assert_close(probs[:, :C].double().cpu(), ref_probs.cpu(), rtol=2e-6, atol=2e-6)
+    assert torch.equal(probs[:, C:], torch.zeros(B, 3, device=DEVICE))  # nothing beyond the view
+    check_pskd(z, labels, memory, index, 0.5, "none", probs_dtype=torch.float16)
+
+
+def test_pskd_memory_write_before_backward_is_an_error():
+    """The backward re-reads the memory: writing it between forward and backward must fail loudly
+    (autograd's version check), not change the gradient silently."""
+    z, labels, memory, index = pskd_inputs(4, 10, torch.float32, torch.float16)
+    z.requires_grad_()
+    loss = kernels.pskd_loss(z, labels, memory, index, 0.5)
+    memory[index] = 0.0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_pskd_extreme_logits():
+    B, C = 4, 257
+    z, labels, memory, index = pskd_inputs(B, C, torch.float32, torch.float16)
+    z = (z * 1e4 / 3).clamp(-1e4, 1e4)
+    check_pskd(z, labels, memory, index, 0.5, "none", probs_dtype=torch.float32)
+
+
+def test_pskd_errors():
+    z, labels, memory, index = pskd_inputs(4, 10, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="memory"):
+        kernels.pskd_loss(z, labels, memory[:, :9], index, 0.5)
+    with pytest.raises(ValueError, match="probs_out"):
+        kernels.pskd_loss(z, labels, memory, index, 0.5, probs_out=torch.empty(4, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="reduction"):
+        kernels.pskd_loss(z, labels, memory, index, 0.5, "sum")
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch, compilation and tracing
+# ------------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = """
+import importlib, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+FLOATS = {"inv_T", "kl_scale", "kl_coef", "ce_weight", "alpha"}
+LOW = {"s_ptr": "*bf16", "t_ptr": "*fp16", "ds_ptr": "*bf16", "z_ptr": "*bf16", "dz_ptr": "*bf16",
+       "mem_ptr": "*fp16", "p_ptr": "*bf16", "y_ptr": "*i64", "idx_ptr": "*i32"}
+
+def compile_sm90(module, kernel, **constexprs):
+    fn = getattr(importlib.import_module(module), kernel)
+    sig = {n: "constexpr" if n in constexprs else LOW.get(n, "*fp32") if n.endswith("_ptr")
+           else "fp32" if n in FLOATS else "i32" for n in fn.arg_names}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+tile = dict(BLOCK_B=2, BLOCK_C=256)
+compile_sm90("kernels.softmax_kl", "_softmax_kl_fwd_kernel", HAS_LABELS=True, CE_OWN_LSE=True,
+             **tile)
+compile_sm90("kernels.softmax_kl", "_softmax_kl_bwd_kernel", HAS_LABELS=True, **tile)
+for single in (True, False):
+    compile_sm90("kernels.pskd", "_pskd_fwd_kernel", ALPHA_IS_TENSOR=single, WRITE_PROBS=True,
+                 SINGLE_BLOCK=single, **tile)
+compile_sm90("kernels.pskd", "_pskd_bwd_kernel", ALPHA_IS_TENSOR=True, **tile)
+"""
+
+
+def test_kernels_compile_for_gpu(tmp_path):
+    """The interpreter accepts code the compiler rejects (a non-constexpr global, say): compile
+    every kernel for sm_90 ahead of time, which needs no GPU, in a process without the flag."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+                          text=True, cwd=Path(kernels.__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_cpu_without_interpreter_takes_reference(monkeypatch):
+    """With the interpreter flag off, CPU tensors go to kernels.reference and no kernel launches."""
+    monkeypatch.setattr(_dispatch, "INTERPRET", False)
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a Triton launcher ran for CPU tensors")
+
+    monkeypatch.setattr(softmax_kl_mod, "_forward", no_launch)
+    monkeypatch.setattr(pskd_mod, "_forward", no_launch)
+    real = {name: getattr(reference, name) for name in ("softmax_kl", "pskd_loss")}
+    calls = []
+    for name, fn in real.items():
+        monkeypatch.setattr(reference, name,
+                            lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+
+    s, t = torch.randn(3, 7), torch.randn(3, 7)
+    memory = torch.softmax(torch.randn(5, 7), -1)
+    labels, index = torch.tensor([0, 6, 2]), torch.tensor([4, 4, 1])
+    assert torch.equal(kernels.softmax_kl(s, t, 2.0), real["softmax_kl"](s, t, 2.0))
+    assert torch.equal(kernels.pskd_loss(s, labels, memory, index, 0.3),
+                       real["pskd_loss"](s, labels, memory, index, 0.3))
+    assert calls == ["softmax_kl", "pskd_loss"]
+
+
+def test_float64_takes_reference(monkeypatch):
+    """The kernels compute in fp32; fp64 inputs keep the reference's fp64 result and gradient."""
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a Triton launcher ran for float64 tensors")
+
+    monkeypatch.setattr(softmax_kl_mod, "_forward", no_launch)
+    monkeypatch.setattr(pskd_mod, "_forward", no_launch)
+    s, t = logits(3, 7, torch.float64), logits(3, 7, torch.float64)
+    assert kernels.softmax_kl(s, t, 2.0).dtype == torch.float64
+    memory = torch.softmax(torch.randn(5, 7, device=DEVICE), -1)
+    labels, index = torch.tensor([0, 6, 2], device=DEVICE), torch.tensor([4, 4, 1], device=DEVICE)
+    assert kernels.pskd_loss(s, labels, memory, index, 0.3).dtype == torch.float64
+
+
+def test_traces_without_graph_break():
+    """Dynamo traces both losses, forward and backward, in one graph (aot_eager: no compiler):
+    no host synchronisation or data-dependent Python in the path."""
+    B, C = 8, 40
+    z, labels, memory, index = pskd_inputs(B, C, torch.float32, torch.float16)
+    t = logits(B, C, torch.float32)
+    alpha = torch.tensor(0.4, device=DEVICE)
+    probs = torch.empty(B, C, dtype=torch.float16, device=DEVICE)
+
+    def step(z, probs):
+        return (kernels.softmax_kl(z, t, 4.0, labels=labels)
+                + kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=probs))
+
+    z_eager = z.detach().requires_grad_()
+    step(z_eager, probs).backward()
+    probs_eager = probs.clone()
+    probs.zero_()
+    z_comp = z.detach().requires_grad_()
+    loss = torch.compile(step, backend="aot_eager", fullgraph=True)(z_comp, probs)
+    loss.backward()
+    assert_close(loss, step(z.detach(), probs_eager.clone()), 1e-6)
+    assert_close(z_comp.grad, z_eager.grad, 1e-6)
+    assert torch.equal(probs, probs_eager)
+
+
+@pytest.mark.skipif(not _dispatch.INTERPRET, reason="--smoke runs under TRITON_INTERPRET=1")
+def test_bench_harness_smoke(tmp_path, capsys):
+    """The benchmark harness end to end on CPU (wall-clock timer, tiny shape): table and JSON."""
+    from kernels import bench
+
+    out = tmp_path / "bench.json"
+    bench.main(["--smoke", "--shapes", "4x20", "--dtypes", "bf16", "--providers", "triton", "eager",
+                "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert {"device", "torch", "triton", "git_commit", "date", "copy_GBps"} <= result.keys()
+    rows = result["results"]
+    assert {(r["op"], r["provider"], r["mode"]) for r in rows} == {
+        (op, p, m) for op in bench.CASES for p in ("triton", "eager") for m in bench.MODES}
+    assert all(r["ms"] > 0 and r["git_commit"] == result["git_commit"] for r in rows)
+    assert "softmax_kl" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_compile():
+    """Forward and backward of both kernels replay from a CUDA graph, and compile with inductor,
+    matching eager."""
+    if _dispatch.INTERPRET:
+        pytest.skip("compiled Triton needed: run with TRITON_INTERPRET=0")
+    dev = "cuda"
+    B, C = 64, 1000
+    z = torch.randn(B, C, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(B, C, device=dev, dtype=torch.bfloat16)
+    labels = torch.randint(0, C, (B,), device=dev)
+    memory = torch.softmax(torch.randn(512, C, device=dev), -1).half()
+    index = torch.randint(0, 512, (B,), device=dev)
+    alpha = torch.tensor(0.3, device=dev)
+    probs = torch.empty(B, C, device=dev, dtype=torch.float16)
+
+    def forward():
+        return (kernels.softmax_kl(z, t, 4.0, labels=labels)
+                + kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=probs))
+
+    def step(forward=forward):
+        z.grad = None
+        loss = forward()
+        loss.backward()
+        return loss
+
+    eager_loss = step().detach().clone()
+    eager_grad = z.grad.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on a side stream, as capture requires
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    z.grad = None
+    with torch.cuda.graph(graph):
+        graph_loss = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(graph_loss, eager_loss, 1e-6)
+    assert_close(z.grad, eager_grad, 1e-6)
+
+    compiled = torch.compile(forward, fullgraph=True)
+    assert_close(step(compiled), eager_loss, 1e-6)
+    assert_close(z.grad, eager_grad, 1e-6)
