@@ -315,6 +315,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it clearly is.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"config key '{key}' must be {getattr(tp, '__name__', tp)}, got {value!r}")

@@ -16,6 +16,7 @@ def test_overrides_are_nested_and_typed():
         "a": {"b": 1, "c": [1, 2]}, "d": "x", "e": None, "f": 0.5}
     cfg = load_config(None, ["data.batch_size=32", "optim.lr=1", "method.name=ls", "method.smoothing=0.2"])
     assert cfg.data.batch_size == 32 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
     assert cfg.method.name == "ls" and cfg.method.smoothing == 0.2
 
 

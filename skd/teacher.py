@@ -1,0 +1,117 @@
+"""Frozen teachers for the teacher-based methods (KD, NKD, ICKD, TF-KD_self).
+
+A teacher is any ``timm.create_model`` name (skd's CIFAR nets included) plus a local checkpoint:
+a safetensors file, or a torch file read with ``weights_only=True`` (never unpickled code). The
+checkpoint may be
+
+- an skd run checkpoint (``checkpoints/step-*.pt``: the student is ``state["method"]`` under the
+  ``model.`` prefix) or an skd export (``model.safetensors``),
+- a plain ``state_dict``,
+- a dict holding one under ``state_dict``, ``model`` (RepDistiller / ICKD teachers), ``net``
+  (CS-KD / PS-KD) or ``module``; a DDP ``module.`` prefix is stripped.
+
+The teacher is returned in eval mode with ``requires_grad=False`` on every parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+import skd.models  # noqa: F401  registers the CIFAR architectures with timm
+from skd.methods.base import MethodConfig
+
+__all__ = ["TeacherConfig", "create_teacher", "load_teacher", "load_state_dict_file"]
+
+_WRAPPER_KEYS = ("state_dict", "model", "net", "module")
+
+
+@dataclass
+class TeacherConfig(MethodConfig):
+    """The teacher fields shared by every teacher-based method's ``Config``."""
+
+    teacher: str = ""
+    """timm model name of the teacher; empty means the student's own architecture."""
+    teacher_checkpoint: str = ""
+    """Teacher weights: safetensors, or a torch file (loaded with weights_only); required."""
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for ``timm.create_model`` when building the teacher."""
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model ``state_dict`` inside a checkpoint file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001  (safetensors raises several error types)
+            raise ValueError(f"teacher checkpoint {path} is not a valid safetensors file: {e}") from e
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (unpickling errors have many types)
+            raise ValueError(f"teacher checkpoint {path} cannot be loaded with "
+                             f"torch.load(weights_only=True): {e}") from e
+    return _unwrap(state, path)
+
+
+def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict):
+        raise ValueError(f"teacher checkpoint {path} holds a {type(state).__name__}, not a state_dict")
+    if isinstance(state.get("method"), dict):  # skd run checkpoint: the student is "model.*"
+        state = {k.removeprefix("model."): v for k, v in state["method"].items()
+                 if k.startswith("model.")}
+    else:
+        for key in _WRAPPER_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    tensors = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"teacher checkpoint {path} contains no tensors "
+                         f"(top-level keys: {sorted(state)[:8]})")
+    return tensors
+
+
+def load_teacher(name: str, checkpoint: str | Path, num_classes: int,
+                 **kwargs: Any) -> nn.Module:
+    """Build the timm model ``name`` with ``num_classes`` outputs, load ``checkpoint`` strictly,
+    and freeze it (eval mode, no gradients)."""
+    if not timm.is_model(name):
+        raise ValueError(f"teacher {name!r} is not a timm model (see timm.list_models())")
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    state = load_state_dict_file(checkpoint)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"teacher checkpoint {checkpoint} does not fit teacher model {name!r} "
+                         f"with {num_classes} classes: {e}") from e
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def create_teacher(cfg: TeacherConfig, student: nn.Module, num_classes: int) -> nn.Module:
+    """The teacher described by a method config; ``cfg.teacher`` empty means the student's
+    architecture (TF-KD_self's pre-trained same-architecture teacher)."""
+    if not cfg.teacher_checkpoint:
+        raise ValueError(f"method '{cfg.name}' needs a teacher: set method.teacher_checkpoint "
+                         f"(a safetensors or torch file; e.g. the model.safetensors of a 'ce' run)")
+    name = cfg.teacher or _architecture(student)
+    return load_teacher(name, cfg.teacher_checkpoint, num_classes, **cfg.teacher_kwargs)
+
+
+def _architecture(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    if not name:
+        raise ValueError("method.teacher is empty and the student's timm architecture is unknown; "
+                         "set method.teacher to a timm model name")
+    return name

@@ -1,0 +1,309 @@
+"""The methods: every registered method trains end to end on the digits shards, plus the
+behaviours each one promises (CS-KD's two BN updates, USKD's weak head, ICKD's embed, frozen
+teachers, the teacher loader)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.optim import create_optimizer_v2
+
+from skd import losses
+from skd.checkpoint import latest_checkpoint, load_checkpoint
+from skd.config import load_config
+from skd.features import forward_with_pooled_feature
+from skd.methods import DataSpec, create_method, get_method_class, get_method_config_class, list_methods
+from skd.teacher import load_state_dict_file, load_teacher
+from skd.train import train
+
+MODEL = "test_resnet"  # timm's tiny ResNet: BatchNorm, forward_intermediates, ~15 ms a step on CPU
+FAST = [f"model.name={MODEL}", "log_with=[]", "data.batch_size=128", "data.num_workers=0",
+        "data.img_size=16", "epochs=1", "log_every=5", "sched.warmup_epochs=0"]
+DATA = DataSpec(num_classes=10, num_samples=100, batch_size=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and the CI machine's two cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory):
+    """A tiny teacher: one epoch of plain cross-entropy on the digits (its model.safetensors)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    try:
+        train(load_config(None, FAST + ["method.name=ce", f"output_dir={run}"]))
+    finally:
+        torch.set_num_threads(threads)
+    return run / "model.safetensors"
+
+
+def _uses_teacher(name: str) -> bool:
+    return "teacher_checkpoint" in {f.name for f in dataclasses.fields(get_method_config_class(name))}
+
+
+CASES = [pytest.param(name, [], id=name) for name in list_methods()]
+CASES.append(pytest.param("tfkd", ["method.mode=self"], id="tfkd-self"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", CASES)
+def test_method_trains_end_to_end(tmp_path, teacher_file, name, extra):
+    run = tmp_path / "run"
+    overrides = FAST + [f"method.name={name}", f"output_dir={run}", *extra]
+    if _uses_teacher(name):  # the student's architecture is the default teacher (tfkd self)
+        overrides.append(f"method.teacher_checkpoint={teacher_file}")
+    metrics = train(load_config(None, overrides))
+
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    assert set(saved) >= {"top1", "top5", "nll", "ece", "aurc", "eaurc"}
+    (epoch,) = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    train_values = {k: v for k, v in epoch.items() if k.startswith("train_") and k != "train_img_per_s"}
+    assert "train_loss" in train_values
+    assert all(math.isfinite(v) for v in train_values.values()), train_values
+
+    # The export is the bare student (no teacher, weak head or embed) and loads into timm.
+    exported = load_file(run / "model.safetensors")
+    student = timm.create_model(MODEL, num_classes=10)
+    assert set(exported) == set(student.state_dict())
+    student.load_state_dict(exported)
+    # Checkpoints hold the trainable modules but never the frozen teacher.
+    method_state = load_checkpoint(latest_checkpoint(run))["method"]
+    assert not any(k.startswith("teacher.") for k in method_state)
+    if name == "uskd":
+        assert {"weak_head.weight", "weak_head.bias"} <= set(method_state)
+    if name == "ickd":
+        assert "embed.0.weight" in method_state
+
+
+# ---------------------------------------------------------------------------------------- CS-KD
+
+def _bn_counts(model: torch.nn.Module) -> set[int]:
+    return {int(m.num_batches_tracked) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+
+@pytest.mark.parametrize("single_forward", [False, True])
+def test_cskd_batchnorm_sees_each_half_separately(single_forward):
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    reference = timm.create_model("resnet20_cifar", num_classes=10)
+    reference.load_state_dict(model.state_dict())
+    cfg = get_method_config_class("cskd")(name="cskd", single_forward=single_forward)
+    method = create_method(cfg, model, DATA).train()
+    images, partners = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16, requires_grad=True)
+    labels = torch.randint(0, 10, (8,))
+
+    out = method({"image": images, "partner": partners, "label": labels})
+    out["loss"].backward()
+
+    # Parity: two train-mode passes update the running statistics twice per step.
+    assert _bn_counts(model) == ({1} if single_forward else {2})
+    reference.train()
+    with torch.no_grad():
+        if single_forward:
+            reference(torch.cat([images, partners]))
+        else:
+            reference(images)
+            reference(partners)
+    for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+    # Separate passes: nothing flows back to the partner; one pass couples them through BN.
+    assert (partners.grad is None) != single_forward
+    assert set(out["parts"]) == {"ce", "kl"}
+    torch.testing.assert_close(out["parts"]["ce"] + out["parts"]["kl"], out["loss"].detach())
+
+
+# ----------------------------------------------------------------------------------------- USKD
+
+def test_uskd_weak_head_on_cnn_mid_stage_is_trained_and_reaches_backbone():
+    model = timm.create_model(MODEL, num_classes=10)
+    method = create_method(get_method_config_class("uskd")(name="uskd"), model, DATA).train()
+    x = torch.randn(4, 3, 32, 32)
+    _, (mid,) = model.forward_intermediates(x, indices=[-2])
+    assert method.feature_index == -2
+    assert method.weak_head.in_features == mid.shape[1]
+    assert method.weak_head.out_features == 10
+
+    out = method({"image": x, "label": torch.randint(0, 10, (4,))})
+    out["loss"].backward()
+    assert method.weak_head.weight.grad.abs().sum() > 0
+    # The weak head is in the optimizer (it is a submodule of the method) ...
+    optimizer = create_optimizer_v2(method, opt="sgd", lr=0.1)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in method.weak_head.parameters()} <= in_optimizer
+    # ... and its input is not detached: the weak head alone back-propagates into the stem.
+    _, feature = forward_with_pooled_feature(model, x, method.feature_index)
+    stem = next(model.parameters())
+    (grad,) = torch.autograd.grad(method.weak_head(feature).square().sum(), stem)
+    assert grad.abs().sum() > 0
+
+
+def test_uskd_weak_head_on_vit_takes_mid_cls_token():
+    model = timm.create_model("test_vit", num_classes=10)
+    method = create_method(get_method_config_class("uskd")(name="uskd"), model, DATA).train()
+    depth = len(model.blocks)
+    assert method.feature_index == int(0.5 * depth) - 1
+    assert method.weak_head.in_features == model.embed_dim
+    seen = {}
+    model.blocks[method.feature_index].register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    x = torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
+    logits, feature = forward_with_pooled_feature(model, x, method.feature_index)
+    torch.testing.assert_close(feature, seen["x"][:, 0])
+    torch.testing.assert_close(logits, model(x))
+
+
+def test_uskd_rank_modes_are_configurable():
+    with pytest.raises(ValueError, match="rank"):
+        load_config(None, ["method.name=uskd", "method.rank=bogus"])
+    assert load_config(None, ["method.name=uskd", "method.rank=logprob"]).method.rank == "logprob"
+
+
+# ----------------------------------------------------------------------------------------- ICKD
+
+@pytest.fixture
+def cifar_teacher(tmp_path):
+    """A resnet8x4 teacher (256 last-stage channels) saved to safetensors."""
+    teacher = timm.create_model("resnet8x4_cifar", num_classes=10)
+    path = tmp_path / "resnet8x4.safetensors"
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kernel, norm", [(1, "cifar"), (3, "imagenet")])
+def test_ickd_embed_maps_student_to_teacher_channels(cifar_teacher, kernel, norm):
+    student = timm.create_model("resnet20_cifar", num_classes=10)  # 64 last-stage channels
+    cfg = get_method_config_class("ickd")(name="ickd", teacher="resnet8x4_cifar",
+                                          teacher_checkpoint=str(cifar_teacher),
+                                          embed_kernel=kernel, norm=norm)
+    method = create_method(cfg, student, DATA).train()
+    conv, bn = method.embed
+    assert conv.weight.shape == (256, 64, kernel, kernel) and conv.bias is None
+    assert isinstance(bn, torch.nn.BatchNorm2d) and bn.num_features == 256
+
+    x = torch.randn(4, 3, 32, 32)
+    embedded = method.embed(student.forward_features(x))
+    assert embedded.shape == method.teacher.forward_features(x).shape == (4, 256, 8, 8)
+    out = method({"image": x, "label": torch.randint(0, 10, (4,))})
+    out["loss"].backward()
+    assert set(out["parts"]) == {"ce", "kl", "ickd"}
+    assert conv.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(sum(out["parts"].values()), out["loss"])
+
+
+def test_ickd_without_kl_has_no_kl_part(cifar_teacher):
+    cfg = get_method_config_class("ickd")(name="ickd", teacher="resnet8x4_cifar",
+                                          teacher_checkpoint=str(cifar_teacher), kd_weight=0.0)
+    method = create_method(cfg, timm.create_model("resnet20_cifar", num_classes=10), DATA)
+    out = method({"image": torch.randn(2, 3, 32, 32), "label": torch.tensor([1, 2])})
+    assert set(out["parts"]) == {"ce", "ickd"}
+
+
+# ------------------------------------------------------------------------------------- teachers
+
+TEACHER_METHODS = [("kd", {}), ("nkd", {}), ("ickd", {}), ("tfkd", {"mode": "self"})]
+
+
+@pytest.mark.parametrize("name, extra", TEACHER_METHODS, ids=[m for m, _ in TEACHER_METHODS])
+def test_teacher_is_frozen_and_outside_optimizer_and_checkpoint(cifar_teacher, name, extra):
+    cfg = get_method_config_class(name)(name=name, teacher="resnet8x4_cifar",
+                                        teacher_checkpoint=str(cifar_teacher), **extra)
+    method = create_method(cfg, timm.create_model("resnet20_cifar", num_classes=10), DATA)
+    method.train()
+    teacher = method.teacher
+    assert method.frozen_modules() == [teacher]
+    assert method.model.training and not teacher.training
+    assert not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    stats = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    out = method({"image": torch.randn(4, 3, 32, 32), "label": torch.randint(0, 10, (4,))})
+    out["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():  # eval mode: BN statistics untouched
+        assert torch.equal(v, stats[k]), k
+    assert all(torch.isfinite(v) for v in out["parts"].values())
+
+    optimizer = create_optimizer_v2(method, opt="sgd", lr=0.1)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not in_optimizer & {id(p) for p in teacher.parameters()}
+    assert not any(k.startswith("teacher.") for k in method.trainable_state_dict())
+
+
+@pytest.mark.parametrize("name, extra", TEACHER_METHODS, ids=[m for m, _ in TEACHER_METHODS])
+def test_missing_teacher_checkpoint_is_a_clear_error(name, extra):
+    cfg = get_method_config_class(name)(name=name, **extra)
+    with pytest.raises(ValueError, match="method.teacher_checkpoint"):
+        create_method(cfg, timm.create_model("resnet20_cifar", num_classes=10), DATA)
+
+
+def test_tfkd_reg_needs_no_teacher():
+    method = create_method(get_method_config_class("tfkd")(name="tfkd"),
+                           timm.create_model("resnet20_cifar", num_classes=10), DATA)
+    assert method.teacher is None and method.frozen_modules() == []
+    assert method.multiplier == 100.0  # the ResNet-18 params.json value of TF-KD_reg
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 4])
+    out = method({"image": x, "label": y})
+    expected = losses.tfkd_reg_loss(out["logits"], y, 20.0, 0.1, 100.0)
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_load_teacher_accepts_every_checkpoint_layout(tmp_path):
+    source = timm.create_model("resnet20_cifar", num_classes=10)
+    sd = {k: v.clone() for k, v in source.state_dict().items()}
+    layouts = {
+        "plain.pt": sd,
+        "wrapped_state_dict.pt": {"state_dict": sd, "epoch": 3},
+        "repdistiller.pth": {"model": sd, "epoch": 240},
+        "cskd_ddp.pth": {"net": {f"module.{k}": v for k, v in sd.items()}, "acc": 70.0},
+        "skd_run.pt": {"format": "skd-checkpoint-1", "epoch": 1,
+                       "method": {**{f"model.{k}": v for k, v in sd.items()},
+                                  "weak_head.weight": torch.zeros(10, 4)}},
+    }
+    for name, obj in layouts.items():
+        torch.save(obj, tmp_path / name)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "export.safetensors"))
+    for name in [*layouts, "export.safetensors"]:
+        teacher = load_teacher("resnet20_cifar", tmp_path / name, num_classes=10)
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        for k, v in teacher.state_dict().items():
+            assert torch.equal(v, sd[k]), (name, k)
+
+
+def test_load_teacher_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_teacher("resnet20_cifar", missing, num_classes=10)
+    wrong = tmp_path / "resnet8x4.pt"
+    torch.save(timm.create_model("resnet8x4_cifar", num_classes=10).state_dict(), wrong)
+    with pytest.raises(ValueError, match="resnet8x4.pt"):
+        load_teacher("resnet20_cifar", wrong, num_classes=10)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, pickled)  # not loadable with weights_only
+    with pytest.raises(ValueError, match="pickled.pt"):
+        load_state_dict_file(pickled)
+    with pytest.raises(ValueError, match="not a timm model"):
+        load_teacher("no_such_model", wrong, num_classes=10)
+
+
+def test_every_method_config_has_defaults():
+    for name in list_methods():
+        cls = get_method_class(name)
+        cfg = cls.Config()
+        assert cfg.name == name
+        for field in dataclasses.fields(cls.Config):
+            assert field.name == "name" or field.default is not dataclasses.MISSING \
+                or field.default_factory is not dataclasses.MISSING, (name, field.name)
+    assert get_method_class("cskd").needs_partner
+    assert not any(get_method_class(n).needs_partner for n in list_methods() if n != "cskd")
