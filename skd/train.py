@@ -105,6 +105,10 @@ class Trainer:
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, **scheduler_kwargs(cfg.sched, cfg.epochs, self.steps_per_epoch))
         self.method, self.optimizer = acc.prepare(method, self.optimizer)
+        if acc.is_main_process:
+            tqdm.write(f"{cfg.method.name} / {cfg.model.name}: {info.num_samples} training samples, "
+                       f"{info.num_classes} classes; {world} processes, {self.batch_size} images per "
+                       f"process per step, {self.steps_per_epoch} steps per epoch; run directory {self.run_dir}")
         self.unwrapped = acc.unwrap_model(self.method)
         self.epoch, self.step = 0, 0
         self._stop_signal: int | None = None

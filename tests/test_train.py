@@ -1,0 +1,138 @@
+"""End-to-end training on the digits shards: methods, resume after SIGTERM / kill -9, NaN stop, eval."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from skd.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from skd.config import load_config
+from skd.evaluate import evaluate_target
+from skd.train import train
+
+pytestmark = pytest.mark.slow
+
+# A small, fast run: 1,437 training digits at batch 64 = 22 steps per epoch.
+FAST = ["model.name=resnet8_cifar", "log_with=[]", "data.batch_size=64", "data.num_workers=0",
+        "log_every=5", "sched.warmup_epochs=0"]
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["ce", "ls", "pskd"])
+def test_short_run_writes_metrics_and_loss_falls(tmp_path, method):
+    run = tmp_path / method
+    metrics = train(load_config(None, FAST + [f"method.name={method}", "epochs=3", f"output_dir={run}"]))
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    assert set(saved) >= {"top1", "top5", "nll", "ece", "aurc", "eaurc"}
+    assert saved["num_samples"] == 360  # every val sample once
+    history = _history(run)
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert saved["top1"] > 50
+    if method == "pskd":
+        assert [h["alpha_t"] for h in history] == pytest.approx([0.0, 0.8 * 2 / 3, 0.8])
+
+
+def test_exported_model_loads_in_timm_and_skd_eval_matches(tmp_path):
+    run = tmp_path / "run"
+    metrics = train(load_config(None, FAST + ["method.name=ce", "epochs=1", f"output_dir={run}"]))
+    model = timm.create_model("resnet8_cifar", pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=str(run / "model.safetensors"), num_classes=10))
+    for k, v in load_file(run / "model.safetensors").items():
+        assert torch.equal(model.state_dict()[k], v)
+    for target in (run, latest_checkpoint(run)):
+        again = evaluate_target(target, ["data.num_workers=0"])
+        assert again == pytest.approx(metrics, rel=1e-6)
+
+
+def _cli(run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "skd", "train", *FAST, "method.name=pskd", "epochs=3",
+            "checkpoint_every=5", "data.num_workers=2", f"output_dir={run}", *extra]
+
+
+def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, min_step: int) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if any(int(p.stem.split("-")[1]) >= min_step for p in list_checkpoints(run)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step >= {min_step} (exit code {proc.poll()})")
+
+
+def _final_state(run: Path) -> tuple[dict, dict]:
+    return load_file(run / "model.safetensors"), json.loads((run / "metrics.json").read_text())
+
+
+def test_resume_after_sigterm_and_kill9_gives_identical_results(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(reference), check=True, env=env, capture_output=True)
+
+    # SIGTERM mid-epoch: the run checkpoints at its next logging step and exits with 128+15.
+    interrupted = tmp_path / "sigterm"
+    proc = subprocess.Popen(_cli(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for_checkpoint(interrupted, proc, 5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read().decode()[-2000:]
+    state = load_checkpoint(latest_checkpoint(interrupted))
+    assert state["loader"]["batches"] > 0, "the SIGTERM checkpoint should be mid-epoch"
+    subprocess.run(_cli(interrupted, "resume=auto"), check=True, env=env, capture_output=True)
+
+    # kill -9 right after a mid-epoch checkpoint of epoch 1 (steps 22..43).
+    killed = tmp_path / "kill9"
+    proc = subprocess.Popen(_cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_checkpoint(killed, proc, 25)
+    proc.kill()
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+    subprocess.run(_cli(killed, "resume=auto"), check=True, env=env, capture_output=True)
+
+    ref_weights, ref_metrics = _final_state(reference)
+    for run in (interrupted, killed):
+        weights, metrics = _final_state(run)
+        assert weights.keys() == ref_weights.keys()
+        for k in ref_weights:
+            assert torch.equal(weights[k], ref_weights[k]), f"{run.name}: {k} differs"
+        assert metrics == ref_metrics
+        assert [h["epoch"] for h in _history(run)] == [0, 1, 2]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    run = tmp_path / "nan"
+    proc = subprocess.run([sys.executable, "-m", "skd", "train", *FAST, "method.name=ce", "epochs=1",
+                           "optim.lr=1e30", "log_every=1", "checkpoint_every=1", f"output_dir={run}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "non-finite loss at or before optimizer step" in proc.stderr
+    good = latest_checkpoint(run)
+    state = load_checkpoint(good)
+    step = int(proc.stderr.split("optimizer step ")[1].split()[0])
+    assert state["step"] == step - 1
+    assert not (run / "metrics.json").exists()
+
+
+def test_embedded_demo_meets_its_accuracy_and_time_bounds(tmp_path):
+    """README's first command: `skd train` with no config, shard creation included."""
+    env = {**os.environ, "SKD_CACHE": str(tmp_path / "cache")}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "skd", "train", f"output_dir={tmp_path / 'demo'}"],
+                          env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["top1"] >= 90.0
+    assert elapsed <= 180.0
+    assert "Top-1 Err" in proc.stdout and "run directory:" in proc.stdout
