@@ -71,7 +71,7 @@ def _ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
         n = int(in_bin.sum())
         if n:
             err += abs(correct[in_bin].mean() - confidence[in_bin].mean()) * n / total
-    return 100.0 * err
+    return float(100.0 * err)
 
 
 def _aurc_pair(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, float]:

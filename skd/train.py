@@ -131,6 +131,8 @@ class Trainer:
             self.save({"epoch": epoch + 1, "batches": 0})
             self.log_epoch(epoch, train_stats, metrics)
             self._check_stop(save=False)
+        if not metrics:  # resumed a finished run: nothing left to train, evaluate once
+            metrics = self.evaluate()
         self.finish(metrics)
         return metrics
 

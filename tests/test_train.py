@@ -136,3 +136,18 @@ def test_embedded_demo_meets_its_accuracy_and_time_bounds(tmp_path):
     assert metrics["top1"] >= 90.0
     assert elapsed <= 180.0
     assert "Top-1 Err" in proc.stdout and "run directory:" in proc.stdout
+
+
+def test_ema_accumulation_and_clipping_run_and_resume(tmp_path):
+    run = tmp_path / "ema"
+    args = FAST + ["method.name=ce", "epochs=2", "ema.enabled=true", "ema.decay=0.9",
+                   "grad_accum_steps=2", "optim.clip_grad=1.0", f"output_dir={run}"]
+    metrics = train(load_config(None, args))
+    assert set(metrics["ema"]) >= {"top1", "nll", "ece"}
+    assert (run / "model_ema.safetensors").is_file()
+    state = load_checkpoint(latest_checkpoint(run))
+    assert state["ema"] is not None and state["step"] == 2 * (1437 // 64)
+    # A finished run resumed with resume=auto has nothing left to train and reproduces its metrics.
+    again = train(load_config(None, args + ["resume=auto"]))
+    assert again.pop("ema") == pytest.approx(metrics.pop("ema"))
+    assert again == pytest.approx(metrics)
