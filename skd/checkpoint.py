@@ -38,7 +38,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path, keep: int = 0) -> Path:
-    """Atomically write ``state`` to ``path``; then keep only the ``keep`` newest (0: all)."""
+    """Atomically write ``state`` to ``path``; then keep only the ``keep`` newest (0: all).
+
+    Temporary files left by a save that was killed are removed once a later save succeeds.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -48,6 +51,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep: int = 0) -> P
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    for stale in path.parent.glob("*.pt.tmp"):
+        stale.unlink(missing_ok=True)
     if keep > 0:
         for old in list_checkpoints(path.parent.parent)[:-keep]:
             old.unlink(missing_ok=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -53,8 +53,10 @@ class Trainer:
         self.cfg = cfg
         cpu = not torch.cuda.is_available()
         precision = ("no" if cpu else "bf16") if cfg.precision == "auto" else cfg.precision
-        self.run_dir = Path(cfg.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}-"
-                            f"{cfg.method.name}-{cfg.model.name}")
+        # The process group comes up first so every rank agrees on one timestamped run directory.
+        PartialState(cpu=cpu)
+        name = f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.name}-{cfg.model.name}"
+        self.run_dir = Path(broadcast_object_list([cfg.output_dir or name])[0])
         self.accelerator = acc = Accelerator(
             cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum_steps,
             log_with=cfg.log_with or None, project_dir=str(self.run_dir))
@@ -66,7 +68,20 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
-        # Data
+        info = self._build_loaders()
+        self._build_method(info)
+        if acc.is_main_process:
+            tqdm.write(f"{cfg.method.name} / {cfg.model.name}: {info.num_samples} training samples, "
+                       f"{info.num_classes} classes; {acc.num_processes} processes, {self.batch_size} "
+                       f"images per process per step, {self.steps_per_epoch} steps per epoch; "
+                       f"run directory {self.run_dir}")
+        self.unwrapped = acc.unwrap_model(self.method)
+        self.epoch, self.step = 0, 0
+        self._stop_signal: int | None = None
+
+    def _build_loaders(self) -> DatasetInfo:
+        """Training and validation loaders of this rank; returns the training set's info."""
+        cfg, acc = self.cfg, self.accelerator
         world = acc.num_processes
         per_step = world * cfg.grad_accum_steps
         if cfg.data.batch_size % per_step:
@@ -77,20 +92,22 @@ class Trainer:
         with acc.main_process_first():  # the demo data is written once, by the first process
             train_dir = resolve_shard_dir(cfg.data.train, "train", "data.train")
             val_dir = resolve_shard_dir(cfg.data.val, "val", "data.val")
-        info = DatasetInfo.load(train_dir)
-        method_cls = get_method_class(cfg.method.name)
         common = dict(rank=acc.process_index, world_size=world, num_workers=cfg.data.num_workers)
         self.train_loader = create_loader(
             train_dir, train=True, batch_size=self.batch_size, transform=create_train_transform(cfg.data),
             seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last,
-            with_partner=method_cls.needs_partner, **common)
+            with_partner=get_method_class(cfg.method.name).needs_partner, **common)
         self.val_loader = create_loader(val_dir, train=False, batch_size=eval_batch,
                                         transform=create_eval_transform(cfg.data), **common)
+        info = self.train_loader.info
         if len(self.train_loader) < cfg.grad_accum_steps:
             raise ConfigError(f"{train_dir}: {info.num_samples} samples give fewer than one optimizer "
                               f"step per epoch at data.batch_size={cfg.data.batch_size}")
+        return info
 
-        # Model, method, optimisation
+    def _build_method(self, info: DatasetInfo) -> None:
+        """Student, method (with its teacher and extra modules), EMA, optimizer, scheduler."""
+        cfg, acc = self.cfg, self.accelerator
         model = create_model(cfg.model, info.num_classes)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -105,13 +122,6 @@ class Trainer:
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, **scheduler_kwargs(cfg.sched, cfg.epochs, self.steps_per_epoch))
         self.method, self.optimizer = acc.prepare(method, self.optimizer)
-        if acc.is_main_process:
-            tqdm.write(f"{cfg.method.name} / {cfg.model.name}: {info.num_samples} training samples, "
-                       f"{info.num_classes} classes; {world} processes, {self.batch_size} images per "
-                       f"process per step, {self.steps_per_epoch} steps per epoch; run directory {self.run_dir}")
-        self.unwrapped = acc.unwrap_model(self.method)
-        self.epoch, self.step = 0, 0
-        self._stop_signal: int | None = None
 
     # ----------------------------------------------------------------------------------- run
     def fit(self) -> dict[str, Any]:
@@ -205,7 +215,8 @@ class Trainer:
         if acc.is_main_process:
             with open(self.run_dir / "history.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            tqdm.write(f"epoch {epoch}: loss {train['loss']:.4f}  top1 {metrics['top1']:.2f}  "
+            # A run resumed exactly at an epoch's last batch has no train loss for that epoch.
+            tqdm.write(f"epoch {epoch}: loss {train.get('loss', float('nan')):.4f}  top1 {metrics['top1']:.2f}  "
                        f"nll {metrics['nll']:.4f}  ece {metrics['ece']:.2f}")
 
     def state_dict(self, loader_state: dict[str, int]) -> dict[str, Any]:

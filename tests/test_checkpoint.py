@@ -40,6 +40,10 @@ def test_kill_during_write_leaves_only_complete_checkpoints(tmp_path):
     latest = latest_checkpoint(tmp_path)
     assert latest.name == "step-000000001.pt"
     assert load_checkpoint(latest)["step"] == 1
+    # The next successful save clears the killed write's temporary file.
+    save_checkpoint({"step": 3}, checkpoint_path(tmp_path, 3))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-000000001.pt", "step-000000003.pt"]
 
 
 def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
