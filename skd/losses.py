@@ -31,8 +31,11 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 
 def _drop_columns(x_NC: torch.Tensor, label_NK: torch.Tensor) -> torch.Tensor:
     """``x`` without the label columns of each row: ``[N, C − K]``, order of the rest kept."""
-    keep_NC = torch.ones_like(x_NC, dtype=torch.bool).scatter_(1, label_NK, False)
-    return x_NC[keep_NC].reshape(x_NC.shape[0], -1)
+    # A stable sort of the keep-mask puts the kept columns first in their order; unlike boolean
+    # indexing it has a static output shape, so no host synchronisation.
+    keep_NC = torch.ones_like(x_NC, dtype=torch.uint8).scatter_(1, label_NK, 0)
+    order_NC = torch.sort(keep_NC, dim=1, descending=True, stable=True).indices
+    return x_NC.gather(1, order_NC[:, : x_NC.shape[1] - label_NK.shape[1]])
 
 
 def cross_entropy(
