@@ -96,7 +96,7 @@ class Trainer:
         self.train_loader = create_loader(
             train_dir, train=True, batch_size=self.batch_size, transform=create_train_transform(cfg.data),
             seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last,
-            with_partner=get_method_class(cfg.method.name).needs_partner, **common)
+            **get_method_class(cfg.method.name).train_loader_options(cfg.method), **common)
         self.val_loader = create_loader(val_dir, train=False, batch_size=eval_batch,
                                         transform=create_eval_transform(cfg.data), **common)
         info = self.train_loader.info

@@ -286,6 +286,27 @@ def test_partner_sampler_same_class_uniform_anchor_possible():
         PartnerSampler(labels, num_classes=4).draw([3], gen)
 
 
+def test_partner_sampler_exclude_self_uniform_over_the_others():
+    labels = np.array([0, 1, 2, 1, 0, 1, 1, 2, 0, 1, 2, 2, 2, 2, 3])  # class 3 has one sample
+    sampler = PartnerSampler(labels, exclude_self=True)
+    gen = np.random.default_rng(1)
+    anchors = np.tile(np.arange(len(labels)), 2000)
+    partners = sampler.draw(labels[anchors], gen, anchors)
+    assert (labels[partners] == labels[anchors]).all()
+    singleton = labels[anchors] == 3
+    assert (partners[singleton] == anchors[singleton]).all()  # nobody else to pair with
+    assert not (partners[~singleton] == anchors[~singleton]).any()
+    from scipy.stats import chisquare
+    for a in np.flatnonzero(labels != 3):
+        others = np.flatnonzero((labels == labels[a]) & (np.arange(len(labels)) != a))
+        drawn = partners[anchors == a]
+        observed = np.array([(drawn == m).sum() for m in others])
+        assert observed.sum() == len(drawn)
+        assert chisquare(observed).pvalue > 1e-4, (a, observed)
+    with pytest.raises(ValueError, match="anchors"):
+        sampler.draw(labels[:3], gen)
+
+
 def test_loader_with_partner(unequal):
     index = SampleIndex.load(unequal)
     loader = create_loader(unequal, train=True, batch_size=8, transform=to_tensor, num_workers=2,
@@ -301,6 +322,12 @@ def test_loader_with_partner(unequal):
     again = collect(create_loader(unequal, train=True, batch_size=8, transform=to_tensor, num_workers=2,
                                   with_partner=True, seed=2))
     assert all(torch.equal(x["partner_index"], y["partner_index"]) for x, y in zip(batches, again))
+    others = collect(create_loader(unequal, train=True, batch_size=8, transform=to_tensor, num_workers=2,
+                                   with_partner=True, exclude_self_pair=True, seed=2))
+    assert sum(len(b["index"]) for b in others) == sum(len(b["index"]) for b in batches)
+    for b in others:
+        assert (index.labels[b["partner_index"].numpy()] == b["label"].numpy()).all()
+        assert not (b["partner_index"] == b["index"]).any()
 
 
 def test_without_samples_npz_same_batches_by_scanning(unequal, tmp_path):

@@ -56,6 +56,7 @@ def _uses_teacher(name: str) -> bool:
 
 CASES = [pytest.param(name, [], id=name) for name in list_methods()]
 CASES.append(pytest.param("tfkd", ["method.mode=self"], id="tfkd-self"))
+CASES.append(pytest.param("cskd", ["method.exclude_self_pair=true"], id="cskd-exclude-self"))
 
 
 @pytest.mark.slow
@@ -305,5 +306,8 @@ def test_every_method_config_has_defaults():
         for field in dataclasses.fields(cls.Config):
             assert field.name == "name" or field.default is not dataclasses.MISSING \
                 or field.default_factory is not dataclasses.MISSING, (name, field.name)
-    assert get_method_class("cskd").needs_partner
-    assert not any(get_method_class(n).needs_partner for n in list_methods() if n != "cskd")
+    cskd = get_method_class("cskd")
+    assert cskd.train_loader_options(cskd.Config()) == {"with_partner": True, "exclude_self_pair": False}
+    assert cskd.train_loader_options(cskd.Config(exclude_self_pair=True))["exclude_self_pair"]
+    assert not any(get_method_class(n).train_loader_options(get_method_class(n).Config())
+                   for n in list_methods() if n != "cskd")

@@ -259,13 +259,13 @@ class _ShardSource:
         """A same-class partner per anchor (uniform over the class, with replacement), read by
         random access; a corrupt partner is redrawn, an anchor without a readable one dropped."""
         gen = np.random.default_rng(_seed(self.seed, epoch, self.rank, j, _PARTNER))
-        picks = self.partners.draw(np.asarray(labels, dtype=np.int64), gen) if labels else []
+        picks = self.partners.draw(np.asarray(labels, dtype=np.int64), gen, ids) if labels else []
         keep_ids, keep_labels, keep_images, partners, partner_ids, lost = [], [], [], [], [], 0
         for sid, label, image, pid in zip(ids, labels, images, picks):
             img = None
             for attempt in range(_PARTNER_TRIES):
                 if attempt:
-                    pid = int(self.partners.draw(np.array([label]), gen)[0])
+                    pid = int(self.partners.draw(np.array([label]), gen, [sid])[0])
                 try:
                     img = _decode(self.index.read_image_bytes(int(pid)))
                     break
@@ -444,12 +444,14 @@ class ShardLoader:
 def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transform: Callable,
                   seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                   shuffle_buffer: int = 1000, drop_last: bool | None = None, with_partner: bool = False,
+                  exclude_self_pair: bool = False,
                   pin_memory: bool | None = None, prefetch_factor: int | None = None) -> ShardLoader:
     """A ``ShardLoader`` over the shards of ``shard_dir`` (``dataset.json`` + tars [+ samples.npz]).
 
     ``batch_size`` is per process; ``transform`` maps a PIL RGB image to a ``[3,H,W]`` tensor and
     must pickle for worker processes. ``drop_last`` defaults to ``train``. ``with_partner`` adds a
-    CS-KD partner image per anchor (needs ``samples.npz``). Raises ``FileNotFoundError`` naming
+    CS-KD partner image per anchor (needs ``samples.npz``), never the anchor itself with
+    ``exclude_self_pair`` (the official sampler allows it). Raises ``FileNotFoundError`` naming
     every shard listed in ``dataset.json`` that is missing.
     """
     directory = Path(shard_dir)
@@ -469,7 +471,7 @@ def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transf
         if index is None:
             raise FileNotFoundError(f"{directory}: with_partner needs samples.npz (random access to any "
                                     f"sample); write it with `skd shard --index-only {directory}`")
-        partners = PartnerSampler(np.asarray(index.labels), info.num_classes)
+        partners = PartnerSampler(np.asarray(index.labels), info.num_classes, exclude_self_pair)
     drop_last = train if drop_last is None else drop_last
     pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
     source = _ShardSource(directory, info, index, transform, seed, rank, train, shuffle_buffer, partners)

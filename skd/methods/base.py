@@ -9,7 +9,7 @@ trainable parameters, so DDP reduces no gradients for it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,14 +37,18 @@ class Method(nn.Module):
     """Base class. Subclasses define ``Config`` and ``forward``; the rest is optional."""
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    needs_partner: ClassVar[bool] = False
-    """The loader must add ``batch["partner"]``: a same-class partner image per anchor (CS-KD)."""
 
     def __init__(self, model: nn.Module, cfg: MethodConfig, data: DataSpec) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.data = data
+
+    @classmethod
+    def train_loader_options(cls, cfg: MethodConfig) -> dict[str, Any]:
+        """Extra ``skd.data.create_loader`` arguments for the training loader, e.g.
+        ``with_partner`` (CS-KD: a same-class partner image per anchor in ``batch["partner"]``)."""
+        return {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return ``{"loss": scalar, "logits": [B, C]}``, optionally ``"parts"``: a dict of

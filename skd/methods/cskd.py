@@ -12,6 +12,7 @@ one forward of the 2B images (one BN update with the statistics of both halves).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,8 +23,6 @@ from skd.methods.registry import register_method
 
 @register_method("cskd")
 class CSKD(Method):
-    needs_partner = True
-
     @dataclass
     class Config(MethodConfig):
         name: str = "cskd"
@@ -34,6 +33,13 @@ class CSKD(Method):
         single_forward: bool = False
         """Opt-in: one concatenated forward of anchors and partners instead of two passes (the
         partner half still gets no CE and no gradient through its logits, but BN sees both)."""
+        exclude_self_pair: bool = False
+        """Opt-in: never pair an anchor with itself (the official sampler does, with probability
+        1/n_c, which makes that pair's KL a self-consistency term)."""
+
+    @classmethod
+    def train_loader_options(cls, cfg: Config) -> dict[str, Any]:
+        return {"with_partner": True, "exclude_self_pair": cfg.exclude_self_pair}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, partners, labels = batch["image"], batch["partner"], batch["label"]
