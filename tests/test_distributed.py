@@ -20,15 +20,14 @@ def _free_port() -> int:
 
 
 def test_two_process_pskd_run(tmp_path):
-    run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "skd", "train", "model.name=resnet8_cifar", "method.name=pskd", "method.memory_dtype=float32",
-           "epochs=2", "data.batch_size=64", "data.num_workers=1", "log_with=[]", "log_every=5",
-           f"output_dir={run}"]
+           "epochs=2", "data.batch_size=64", "data.num_workers=1", "log_with=[]", "log_every=5"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()  # one timestamped run directory shared by both ranks
     assert "2 processes, 32 images per process per step" in proc.stdout + proc.stderr
 
     metrics = json.loads((run / "metrics.json").read_text())
