@@ -52,7 +52,8 @@ def folder(tmp_path_factory):
 
 def test_folder_to_shards_round_trip(folder, tmp_path, capsys):
     out = tmp_path / "shards"
-    assert shard_main([str(folder), str(out), "--max-per-shard", "25", "--workers", "2", "--no-progress"]) == 0
+    assert shard_main([str(folder), str(out), "--max-per-shard", "25", "--workers", "2", "--no-progress",
+                       "--keep-order"]) == 0
     info = DatasetInfo.load(out)
     assert info.num_samples == 10 * PER_CLASS and info.num_classes == 10
     assert info.class_names == [f"digit_{k}" for k in range(10)]
@@ -81,11 +82,29 @@ def test_folder_to_shards_round_trip(folder, tmp_path, capsys):
 
 def test_shards_readable_by_webdataset(folder, tmp_path):
     import webdataset as wds
-    shard_main([str(folder), str(tmp_path), "--max-per-shard", "40", "--workers", "1", "--no-progress"])
+    shard_main([str(folder), str(tmp_path), "--max-per-shard", "40", "--workers", "1", "--no-progress",
+                "--keep-order"])
     ds = wds.WebDataset(str(tmp_path / "data-{000000..000001}.tar"), shardshuffle=False, empty_check=False)
     samples = list(ds)
     assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(60)]
     assert all(int(s["cls"]) == i // PER_CLASS for i, s in enumerate(samples))
+
+
+def test_default_order_is_a_seeded_shuffle_that_mixes_classes(folder, tmp_path):
+    by_bytes = {p.read_bytes(): int(p.parent.name.split("_")[1]) for p in folder.rglob("*.*")}
+    runs = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        shard_main([str(folder), str(tmp_path / name), "--max-per-shard", "25", "--workers", "1",
+                    "--no-progress", "--seed", seed])
+        index = SampleIndex.load(tmp_path / name)
+        runs[name] = [index.read_image_bytes(i) for i in range(len(index))]
+        labels = list(index.labels)
+        # Every image once, under its own class's label, in an order that is not class-sorted.
+        assert sorted(runs[name]) == sorted(by_bytes)
+        assert labels == [by_bytes[b] for b in runs[name]]
+        assert labels != sorted(labels)
+        assert len(set(labels[:25])) >= 8  # the first shard holds most classes, not two
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
 
 
 def test_byte_identical_shards(folder, tmp_path):
@@ -212,6 +231,21 @@ def test_index_only_errors(tmp_path, capsys):
         sink.write({"__key__": "b", "png": _digit_png(np.ones((8, 8)))})
     assert shard_main(["--index-only", str(tmp_path), "--no-progress"]) == 2
     assert "x.tar: sample 'b' has no 'cls' label" in capsys.readouterr().err
+
+
+def test_index_only_refuses_a_shard_with_a_damaged_header_midway(tmp_path, capsys):
+    import webdataset as wds
+    shard = tmp_path / "x.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i in range(10):
+            sink.write({"__key__": f"s{i}", "png": _digit_png(np.full((8, 8), i)), "cls": i % 2})
+    with tarfile.open(shard) as tar:
+        offset = next(m.offset for m in tar.getmembers() if m.name.startswith("s5."))
+    data = bytearray(shard.read_bytes())
+    data[offset] ^= 0xFF  # the header checksum no longer matches: tarfile would just stop here
+    shard.write_bytes(bytes(data))
+    assert shard_main(["--index-only", str(tmp_path), "--no-progress"]) == 2
+    assert f"x.tar: damaged tar header at byte {offset}" in capsys.readouterr().err
 
 
 def test_dataset_info_validation_names_file_and_key(tmp_path):

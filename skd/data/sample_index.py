@@ -152,8 +152,18 @@ def iter_shard(path: str | Path, *, start_offset: int = 0, start_position: int =
         except (tarfile.TarError, EOFError, OSError) as e:
             where = f"sample '{current.key}'" if current is not None else f"byte {start_offset}"
             raise ShardFormatError(f"{name}: damaged tar file after {where}: {e}") from None
+        # tarfile ends quietly at an invalid header after the first one; only zero blocks may follow.
+        _check_end_of_archive(f, tar.offset, name)
         if current is not None:
             yield current
+
+
+def _check_end_of_archive(f, offset: int, shard: str) -> None:
+    f.seek(offset)
+    while chunk := f.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            raise ShardFormatError(f"{shard}: damaged tar header at byte {offset}; the shard has data "
+                                   f"after it that cannot be read (re-create or re-download the shard)")
 
 
 def _read_member(f, info: tarfile.TarInfo, shard: str, key: str) -> bytes:

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, metavar="Q", help="re-encode every image as JPEG at quality Q")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="W",
                    help="encoding processes (default: min(8, CPUs))")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of the shuffle that mixes classes across shards (default 0)")
+    p.add_argument("--keep-order", action="store_true",
+                   help="write samples in sorted class/file order instead (class-sorted shards; "
+                   "the streaming loader then sees few classes per batch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give IMAGE_FOLDER and OUT_DIR, or --index-only SHARD_DIR")
         report = shard_image_folder(args.image_folder, args.out_dir, max_per_shard=args.max_per_shard,
                                     max_side=args.max_side, quality=args.quality, workers=args.workers,
-                                    progress=progress)
+                                    progress=progress, shuffle_seed=None if args.keep_order else args.seed)
     except (ImageFolderError, FileNotFoundError, ValueError) as e:
         print(f"skd shard: error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import io
 import itertools
 import multiprocessing
 import os
+import random
 import tarfile
 from collections import deque
 from dataclasses import dataclass, field
@@ -330,8 +331,14 @@ def write_split(items: list[tuple[Path, int]], class_names: list[str], out_dir: 
 
 def shard_image_folder(image_folder: str | Path, out_dir: str | Path, *,
                        max_per_shard: int = DEFAULT_MAX_PER_SHARD, max_side: int | None = None,
-                       quality: int | None = None, workers: int = 1, progress: bool = True) -> ShardReport:
-    """``skd shard IMAGE_FOLDER OUT_DIR``: one shard set, or one per split (``OUT_DIR/train`` …)."""
+                       quality: int | None = None, workers: int = 1, progress: bool = True,
+                       shuffle_seed: int | None = 0) -> ShardReport:
+    """``skd shard IMAGE_FOLDER OUT_DIR``: one shard set, or one per split (``OUT_DIR/train`` …).
+
+    Samples are written in a permutation of the sorted folder order seeded by ``shuffle_seed``
+    (``None``: sorted order). A streaming loader only shuffles shards and a bounded buffer, so
+    class-sorted shards would give batches of a few classes.
+    """
     image_folder, out_dir = Path(image_folder), Path(out_dir)
     if not image_folder.is_dir():
         raise ImageFolderError(f"{image_folder}: not a directory")
@@ -358,6 +365,8 @@ def shard_image_folder(image_folder: str | Path, out_dir: str | Path, *,
             listed.append((split, out_dir / split, names, items))
             report.ignored += ignored
     for split, dest, names, items in listed:
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(items)
         info, skipped = write_split(items, names, dest, prefix=split or "data", max_per_shard=max_per_shard,
                                     max_side=max_side, quality=quality, workers=workers,
                                     progress=progress, desc=split or image_folder.name)
