@@ -31,11 +31,15 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 
 def _drop_columns(x_NC: torch.Tensor, label_NK: torch.Tensor) -> torch.Tensor:
     """``x`` without the label columns of each row: ``[N, C − K]``, order of the rest kept."""
-    # A stable sort of the keep-mask puts the kept columns first in their order; unlike boolean
-    # indexing it has a static output shape, so no host synchronisation.
+    # Static output shapes (no boolean indexing), so no host synchronisation.
+    N, C = x_NC.shape
+    if label_NK.shape[1] == 1:  # column i of the result is i, or i + 1 from the label on
+        cols = torch.arange(C - 1, device=x_NC.device).expand(N, -1)
+        return x_NC.gather(1, cols + (cols >= label_NK).long())
+    # Several labels: a stable sort of the keep-mask puts the kept columns first, in order.
     keep_NC = torch.ones_like(x_NC, dtype=torch.uint8).scatter_(1, label_NK, 0)
     order_NC = torch.sort(keep_NC, dim=1, descending=True, stable=True).indices
-    return x_NC.gather(1, order_NC[:, : x_NC.shape[1] - label_NK.shape[1]])
+    return x_NC.gather(1, order_NC[:, : C - label_NK.shape[1]])
 
 
 def cross_entropy(
@@ -280,7 +284,8 @@ def ickd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
     B, C = student_feat.shape[:2]
     f_s = _acc(student_feat).reshape(B, C, -1)
     f_t = _acc(teacher_feat).detach().reshape(B, C, -1)
-    g_s = F.normalize(torch.bmm(f_s, f_s.transpose(1, 2)), dim=2)
-    g_t = F.normalize(torch.bmm(f_t, f_t.transpose(1, 2)), dim=2)
+    with torch.autocast(f_s.device.type, enabled=False):  # autocast would put bmm back in bf16
+        g_s = F.normalize(torch.bmm(f_s, f_s.transpose(1, 2)), dim=2)
+        g_t = F.normalize(torch.bmm(f_t, f_t.transpose(1, 2)), dim=2)
     denom = C * B * (B if norm == "imagenet" else 1)
     return (g_s - g_t).pow(2).sum() / denom

@@ -374,3 +374,24 @@ def test_bf16_logits_give_fp32_loss(fn):
             losses.uskd_loss: (z, t, y), losses.tfkd_self_loss: (z, t, y, 4.0, 0.9, 1.0)}[fn]
     out = fn(*args)
     assert out.dtype == torch.float32 and torch.isfinite(out)
+
+
+def test_ickd_loss_stays_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    fs, ft = (torch.randn(4, 8, 5, 5, generator=g) for _ in range(2))
+    expected = losses.ickd_loss(fs, ft)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = losses.ickd_loss(fs.bfloat16(), ft.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, losses.ickd_loss(fs.bfloat16().float(), ft.bfloat16().float()))
+    assert abs(out.item() - expected.item()) < 1e-2 * expected.item()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_drop_columns_removes_each_rows_labels_in_order(k):
+    from skd.losses import _drop_columns
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(6, 7, generator=g)
+    labels = torch.stack([torch.randperm(7, generator=g)[:k] for _ in range(6)])
+    expected = torch.stack([x[i, [c for c in range(7) if c not in labels[i].tolist()]] for i in range(6)])
+    assert torch.equal(_drop_columns(x, labels), expected)
