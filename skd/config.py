@@ -42,8 +42,9 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 2000
     """Samples in each worker's shuffle buffer (training only)."""
-    drop_last: bool = True
-    """Drop the incomplete last training batch (every rank then has full, equal batches)."""
+    drop_last: bool = False
+    """Drop the incomplete last training batch. Off by default, as in the seeds' loaders: every
+    sample is seen every epoch (PS-KD's memory has no never-written rows)."""
     img_size: int = 224
     """Input resolution fed to the model."""
     train_crop: str = "rrc"
@@ -111,7 +112,8 @@ class OptimConfig:
 @dataclass
 class SchedConfig:
     sched: str = "multistep"
-    """timm scheduler: ``multistep``, ``step``, ``cosine``, ``poly``, ``plateau`` ..."""
+    """timm scheduler: ``multistep``, ``step``, ``cosine``, ``poly`` ... (not ``plateau``: the
+    loop passes it no metric)."""
     decay_milestones: list[int] = field(default_factory=lambda: [150, 225])
     """Epochs at which ``multistep`` multiplies the lr by decay_rate (applied from that epoch on)."""
     decay_epochs: float = 30
@@ -170,6 +172,8 @@ class TrainConfig:
                "must be auto, no, bf16 or fp16")
         _check(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
+        _check(self.sched.sched != "plateau", "sched.sched", self.sched.sched,
+               "is not supported (it needs a validation metric each epoch)")
         _check(self.data.backend == "torch", "data.backend", self.data.backend,
                "only the 'torch' backend is available in this release")
         _check(self.data.train_crop in ("rrc", "pad_crop"), "data.train_crop", self.data.train_crop,
@@ -274,8 +278,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         kwargs[key] = _coerce(hints[key], value, prefix + key)
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"section '{prefix.rstrip('.')}': {e}") from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a method's own __post_init__ checks raise ValueError
+        raise ConfigError(f"section '{prefix.rstrip('.') or 'top level'}': {e}") from None
 
 
 def _suggest(key: str, valid: list[str], prefix: str = "") -> str:

@@ -7,6 +7,7 @@ at epoch ends and before checkpoints; NaN detection and stop signals are checked
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import signal
@@ -58,8 +59,8 @@ class Trainer:
         name = f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.name}-{cfg.model.name}"
         self.run_dir = Path(broadcast_object_list([cfg.output_dir or name])[0])
         self.accelerator = acc = Accelerator(
-            cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum_steps,
-            log_with=cfg.log_with or None, project_dir=str(self.run_dir))
+            cpu=cpu, mixed_precision=precision, log_with=cfg.log_with or None,
+            project_dir=str(self.run_dir))
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
@@ -100,9 +101,6 @@ class Trainer:
         self.val_loader = create_loader(val_dir, train=False, batch_size=eval_batch,
                                         transform=create_eval_transform(cfg.data), **common)
         info = self.train_loader.info
-        if len(self.train_loader) < cfg.grad_accum_steps:
-            raise ConfigError(f"{train_dir}: {info.num_samples} samples give fewer than one optimizer "
-                              f"step per epoch at data.batch_size={cfg.data.batch_size}")
         return info
 
     def _build_method(self, info: DatasetInfo) -> None:
@@ -118,7 +116,8 @@ class Trainer:
         if cfg.model.compile:
             model.compile()
         self.optimizer = create_optimizer_v2(method, **optimizer_kwargs(cfg.optim))
-        self.steps_per_epoch = len(self.train_loader) // cfg.grad_accum_steps
+        # Accumulation windows never cross an epoch end: the epoch's last window may be shorter.
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum_steps)
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, **scheduler_kwargs(cfg.sched, cfg.epochs, self.steps_per_epoch))
         self.method, self.optimizer = acc.prepare(method, self.optimizer)
@@ -158,12 +157,15 @@ class Trainer:
         bar = tqdm(total=len(self.train_loader), initial=start, desc=f"epoch {epoch}",
                    disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
         tic, images = time.perf_counter(), 0
-        for batch in self.train_loader:
+        num_batches, accum = len(self.train_loader), cfg.grad_accum_steps
+        for j, batch in enumerate(self.train_loader, start):
             batch = self._to_device(batch)
-            with acc.accumulate(self.method):
+            sync = (j + 1) % accum == 0 or j + 1 == num_batches
+            with contextlib.nullcontext() if sync else acc.no_sync(self.method):
                 out = self.method(batch)
-                acc.backward(out["loss"])
-                if acc.sync_gradients and cfg.optim.clip_grad:
+                acc.backward(out["loss"] / accum)
+            if sync:
+                if cfg.optim.clip_grad:
                     acc.clip_grad_norm_(self.method.parameters(), cfg.optim.clip_grad)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -172,7 +174,7 @@ class Trainer:
             epoch_meter.add(out)
             images += batch["label"].shape[0]
             bar.update(1)
-            if not acc.sync_gradients:
+            if not sync:
                 continue
             self.step += 1
             self.scheduler.step_update(self.step)
@@ -236,6 +238,12 @@ class Trainer:
     def save(self, loader_state: dict[str, int]) -> None:
         """Checkpoint at the current step; ``loader_state`` is where training continues."""
         acc = self.accelerator
+        # A finite loss at step k was computed before step k's update; the weights saved now must
+        # be checked themselves, or the last checkpoint could already hold the divergence.
+        params = [p.detach() for p in self.unwrapped.parameters() if p.requires_grad]
+        if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+            raise NonFiniteLoss(f"non-finite weights after optimizer step {self.step}; stopping without "
+                                f"saving them. The last checkpoint written before it is intact.")
         rngs = gather_object([rng_state()])  # every rank's generators, so each resumes its own
         if acc.is_main_process:
             state = self.state_dict(loader_state)
@@ -362,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError) as e:  # bad config, missing data or checkpoint
         print(f"skd train: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

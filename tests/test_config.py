@@ -63,3 +63,13 @@ def test_console_script_reports_unknown_key():
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "unknown config key 'model.nmae' (did you mean 'model.name'?)" in out.stderr
+
+
+def test_console_script_reports_bad_method_value_and_missing_data(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "skd", "train", "method.memory_dtype=fp8"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "method.memory_dtype must be one of" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "skd", "train", f"data.train={tmp_path / 'nowhere'}",
+                          f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True)
+    assert out.returncode == 2 and "nowhere" in out.stderr and "Traceback" not in out.stderr

@@ -34,10 +34,9 @@ def test_two_process_pskd_run(tmp_path):
     assert metrics["num_samples"] == 360  # each val sample counted once across the two ranks
     state = load_checkpoint(latest_checkpoint(run))
     assert len(state["rng"]) == 2  # both ranks took part in the checkpoint
-    assert state["step"] == 2 * (1437 // 64)
+    assert state["step"] == 2 * 23  # ceil(1437 / 2) = 719 samples per rank: 22 batches of 32 and one of 15
     table = state["method"]["memory._extra_state"]["table"][:-1]
     written = table.sum(1) > 0
-    # Every step writes the rows of both ranks (2 × 32); over two epochs with different
-    # drop-last tails, at least one epoch's worth of distinct rows must be filled.
-    assert written.sum() >= 2 * 32 * (1437 // 64)
-    assert torch.allclose(table[written].sum(1), torch.ones(int(written.sum())), atol=1e-5)
+    # Without drop_last every sample is seen every epoch, so every row holds a softmax.
+    assert written.all()
+    assert torch.allclose(table.sum(1), torch.ones(len(table)), atol=1e-5)

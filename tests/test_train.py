@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from skd.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from skd.config import load_config
 from skd.evaluate import evaluate_target
-from skd.train import train
+from skd.train import NonFiniteLoss, Trainer, train
 
 pytestmark = pytest.mark.slow
 
@@ -116,12 +117,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                            "optim.lr=1e30", "log_every=1", "checkpoint_every=1", f"output_dir={run}"],
                           capture_output=True, text=True)
     assert proc.returncode == 1
-    assert "non-finite loss at or before optimizer step" in proc.stderr
-    good = latest_checkpoint(run)
-    state = load_checkpoint(good)
-    step = int(proc.stderr.split("optimizer step ")[1].split()[0])
+    message = proc.stderr.split("skd train: error: ")[1]
+    assert re.match(r"non-finite (loss at or before|weights after) optimizer step \d+", message), message
+    step = int(message.split("optimizer step ")[1].split()[0])
+    state = load_checkpoint(latest_checkpoint(run))
+    # The kept checkpoint is the last one before the failure, and its weights are finite.
     assert state["step"] == step - 1
+    assert all(v.isfinite().all() for v in state["method"].values() if v.is_floating_point())
     assert not (run / "metrics.json").exists()
+
+
+def test_checkpoint_refuses_non_finite_weights(tmp_path):
+    trainer = Trainer(load_config(None, FAST + ["method.name=ce", f"output_dir={tmp_path}"]))
+    trainer.save({"epoch": 0, "batches": 0})
+    with torch.no_grad():
+        next(trainer.unwrapped.parameters()).view(-1)[0] = float("inf")
+    trainer.step = 1
+    with pytest.raises(NonFiniteLoss, match="non-finite weights after optimizer step 1"):
+        trainer.save({"epoch": 0, "batches": 1})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000000.pt"]
 
 
 def test_embedded_demo_meets_its_accuracy_and_time_bounds(tmp_path):
@@ -141,12 +155,16 @@ def test_embedded_demo_meets_its_accuracy_and_time_bounds(tmp_path):
 def test_ema_accumulation_and_clipping_run_and_resume(tmp_path):
     run = tmp_path / "ema"
     args = FAST + ["method.name=ce", "epochs=2", "ema.enabled=true", "ema.decay=0.9",
-                   "grad_accum_steps=2", "optim.clip_grad=1.0", f"output_dir={run}"]
+                   "grad_accum_steps=2", "optim.clip_grad=1.0", "data.batch_size=96", f"output_dir={run}"]
     metrics = train(load_config(None, args))
+    # 1437 // 48 = 29 micro-batches an epoch: 14 windows of two and a last one of one, which
+    # steps before the epoch ends instead of carrying its gradient into the next epoch.
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [15, 30]
     assert set(metrics["ema"]) >= {"top1", "nll", "ece"}
     assert (run / "model_ema.safetensors").is_file()
     state = load_checkpoint(latest_checkpoint(run))
-    assert state["ema"] is not None and state["step"] == 2 * (1437 // 64)
+    assert state["ema"] is not None and state["step"] == 30
     # A finished run resumed with resume=auto has nothing left to train and reproduces its metrics.
     again = train(load_config(None, args + ["resume=auto"]))
     assert again.pop("ema") == pytest.approx(metrics.pop("ema"))
