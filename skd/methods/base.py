@@ -61,7 +61,7 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def after_step(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
-        """Called after every optimizer step with that step's batch and forward output."""
+        """Called after every batch (each micro-batch under accumulation) with its forward output."""
 
     def epoch_stats(self) -> dict[str, float]:
         """Per-epoch values worth logging (e.g. PS-KD's α_t)."""
