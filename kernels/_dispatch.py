@@ -1,6 +1,6 @@
-"""Which path a call takes (Triton or ``kernels.reference``), and the launch shapes of the kernels.
+"""Which path a call takes (Triton or ``skd_kernels.reference``), and the launch shapes of the kernels.
 
-This module does not import Triton, so ``import kernels`` works where Triton is not installed.
+This module does not import Triton, so ``import skd_kernels`` works where Triton is not installed.
 """
 from __future__ import annotations
 

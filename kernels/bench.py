@@ -2,7 +2,7 @@
 and peak memory, against the eager reference, ``torch.compile(reference)`` and Liger-Kernel's
 KL divergence (when ``liger_kernel`` is importable), beside a plain copy bandwidth.
 
-    python -m kernels.bench [--out results.json] [--ops softmax_kl pskd_loss] [--dtypes bf16 fp32]
+    python -m skd_kernels.bench [--out results.json] [--ops softmax_kl pskd_loss] [--dtypes bf16 fp32]
 
 Effective bandwidth = the bytes any implementation must move ÷ the median time: the inputs read
 once and the outputs (gradient, ``probs_out``) written once. ``% copy`` compares it with
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import _dispatch, reference
+import skd_kernels
+from skd_kernels import _dispatch, reference
 
 SHAPES = [(256, 100), (256, 1000), (1024, 1000), (4096, 1000), (256, 21841), (1024, 21841)]
 SMOKE_SHAPES = [(8, 100), (2, 5000)]
@@ -95,7 +95,7 @@ def softmax_kl_case(B, C, dtype, device, providers):
     t = (torch.randn(B, C, device=device) * 3).to(dtype)
     T = TEMPERATURE
     fns = {
-        "triton": lambda: kernels.softmax_kl(s, t, T),
+        "triton": lambda: skd_kernels.softmax_kl(s, t, T),
         "eager": lambda: reference.softmax_kl(s, t, T),
     }
     if "compile" in providers:
@@ -118,7 +118,7 @@ def pskd_case(B, C, dtype, device, providers):
     alpha = torch.tensor(PSKD_ALPHA, device=device)
     probs = torch.empty(B, C, dtype=dtype, device=device)
     fns = {
-        "triton": lambda: kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=probs),
+        "triton": lambda: skd_kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=probs),
         "eager": lambda: reference.pskd_loss(z, labels, memory, index, alpha, probs_out=probs),
     }
     if "compile" in providers:
@@ -214,7 +214,7 @@ def _print_row(row, copy_gbps):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench",
+    parser = argparse.ArgumentParser(prog="python -m skd_kernels.bench",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
     parser.add_argument("--ops", nargs="+", choices=list(CASES), default=list(CASES))
@@ -229,12 +229,12 @@ def main(argv=None):
 
     if args.smoke:
         if not _dispatch.INTERPRET:
-            sys.exit("kernels.bench --smoke runs the kernels on CPU: set TRITON_INTERPRET=1.")
+            sys.exit("skd_kernels.bench --smoke runs the kernels on CPU: set TRITON_INTERPRET=1.")
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
-        sys.exit("kernels.bench needs a CUDA GPU and none is visible: nothing was measured.")
+        sys.exit("skd_kernels.bench needs a CUDA GPU and none is visible: nothing was measured.")
     elif _dispatch.INTERPRET:
-        sys.exit("kernels.bench: TRITON_INTERPRET is set, so the kernels would be interpreted; "
+        sys.exit("skd_kernels.bench: TRITON_INTERPRET is set, so the kernels would be interpreted; "
                  "unset it.")
     else:
         device = torch.device("cuda")

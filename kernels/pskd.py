@@ -2,7 +2,7 @@
 
 Layout (as Liger's ``ops/kl_div.py``): the ``@triton.jit`` kernels, their host launchers, the custom
 ops that make the launchers opaque to ``torch.compile``, the autograd Function, then the public
-function, which sends CPU tensors to ``kernels.reference`` unless ``TRITON_INTERPRET=1``.
+function, which sends CPU tensors to ``skd_kernels.reference`` unless ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _dispatch, reference
+from . import _dispatch, reference
 
 __all__ = ["pskd_loss"]
 
@@ -263,7 +263,7 @@ def pskd_loss(
     by the kernel, never by the host). If ``probs_out`` (``[B, C]``, any float dtype, unit class
     stride) is given, the row softmax of ``logits`` (T = 1) is written into it in the same pass.
     CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the Triton kernel; other
-    tensors, and float64 ones, run ``kernels.reference.pskd_loss``.
+    tensors, and float64 ones, run ``skd_kernels.reference.pskd_loss``.
     """
     if not _dispatch.use_triton(logits):
         return reference.pskd_loss(logits, labels, memory, index, alpha, reduction,

@@ -2,7 +2,7 @@
 
 Layout (as Liger's ``ops/kl_div.py``): the ``@triton.jit`` kernels, their host launchers, the custom
 ops that make the launchers opaque to ``torch.compile``, the autograd Function, then the public
-function, which sends CPU tensors to ``kernels.reference`` unless ``TRITON_INTERPRET=1``.
+function, which sends CPU tensors to ``skd_kernels.reference`` unless ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _dispatch, reference
+from . import _dispatch, reference
 
 __all__ = ["softmax_kl"]
 
@@ -263,7 +263,7 @@ def softmax_kl(
     Logits are ``[..., C]``, fp32, bf16 or fp16, with any row stride (a class dimension that is
     not contiguous is copied). The teacher gets no gradient. CUDA tensors (and CPU tensors under
     ``TRITON_INTERPRET=1``) run the Triton kernel; other tensors, and float64 ones, run
-    ``kernels.reference.softmax_kl``.
+    ``skd_kernels.reference.softmax_kl``.
     ``temperature``, ``ce_weight`` and ``kl_weight`` are Python numbers.
     """
     if not _dispatch.use_triton(student_logits):

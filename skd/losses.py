@@ -5,7 +5,7 @@ Logits are ``[N, C]`` of any float dtype, labels int64 ``[N]``. Each function co
 classes, averaged over rows) unless the official code reduces otherwise, which is then stated.
 Defaults reproduce the official code ("parity"); cleaner variants are keyword opt-ins.
 
-The softmax-KL parts go through ``kernels.softmax_kl`` (Triton on CUDA, plain PyTorch elsewhere),
+The softmax-KL parts go through ``skd_kernels.softmax_kl`` (Triton on CUDA, plain PyTorch elsewhere),
 which detaches its teacher argument.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import pskd_loss
+import skd_kernels
+from skd_kernels import pskd_loss
 
 __all__ = [
     "cross_entropy", "kd_loss", "cskd_loss", "tfkd_reg_loss", "tfkd_self_loss", "nkd_loss",
@@ -73,7 +73,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
     RepDistiller ``distiller_zoo/KD.py::DistillKL`` (sum ÷ N, times T²), METHODS §1.2.
     """
-    return kernels.softmax_kl(student_logits, teacher_logits, temperature)
+    return skd_kernels.softmax_kl(student_logits, teacher_logits, temperature)
 
 
 def cskd_loss(
@@ -88,7 +88,7 @@ def cskd_loss(
     The partner is detached (no gradient) and carries no CE. ``alinlab/cs-kd`` ``train.py``
     L95-139 (``KDLoss``: sum ÷ B times T²), METHODS §2.1. CE and KL are one fused call.
     """
-    return kernels.softmax_kl(anchor_logits, partner_logits, temperature, labels=labels,
+    return skd_kernels.softmax_kl(anchor_logits, partner_logits, temperature, labels=labels,
                               ce_weight=1.0, kl_weight=lam)
 
 
@@ -125,7 +125,7 @@ def tfkd_reg_loss(
     off = (1.0 - correct_prob) / (num_classes - 1)
     virtual_NC = torch.full_like(z_NC, off).scatter_(1, labels[:, None], correct_prob)
     # softmax(p^d / T) is the T = 1 softmax of the "logits" p^d / T.
-    return kernels.softmax_kl(
+    return skd_kernels.softmax_kl(
         z_NC, virtual_NC / temperature, 1.0, labels=labels, ce_weight=1.0 - alpha,
         kl_weight=alpha * multiplier * _kl_weight(kl_reduction, num_classes),
     )
@@ -149,7 +149,7 @@ def tfkd_self_loss(
     gets no gradient.
     """
     num_classes = student_logits.shape[-1]
-    return kernels.softmax_kl(
+    return skd_kernels.softmax_kl(
         student_logits, teacher_logits, temperature, labels=labels, ce_weight=1.0 - alpha,
         kl_weight=alpha * multiplier * _kl_weight(kl_reduction, num_classes),
     )
@@ -185,7 +185,7 @@ def nkd_loss(
 
     s_nt = _drop_columns(s_NC, label_N1)
     t_nt = _drop_columns(t_NC, label_N1)
-    kl = kernels.softmax_kl(s_nt, t_nt, lam)
+    kl = skd_kernels.softmax_kl(s_nt, t_nt, lam)
     log_p_nt = F.log_softmax(t_nt / lam, dim=1)
     entropy = -(log_p_nt.exp() * log_p_nt).sum(1).mean()
     loss_non = gamma * (kl + lam * lam * entropy)

@@ -1,4 +1,4 @@
-"""Frozen teachers for the teacher-based methods (KD, NKD, ICKD, TF-KD_self).
+"""Loading frozen teachers (KD, NKD, ICKD, TF-KD_self; see ``skd.methods.teacher``).
 
 A teacher is any ``timm.create_model`` name (skd's CIFAR nets included) plus a local checkpoint:
 a safetensors file, or a torch file read with ``weights_only=True`` (never unpickled code). The
@@ -14,7 +14,6 @@ The teacher is returned in eval mode with ``requires_grad=False`` on every param
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +22,10 @@ import torch
 from torch import nn
 
 import skd.models  # noqa: F401  registers the CIFAR architectures with timm
-from skd.methods.base import MethodConfig
 
-__all__ = ["TeacherConfig", "create_teacher", "load_teacher", "load_state_dict_file"]
+__all__ = ["load_teacher", "load_state_dict_file"]
 
 _WRAPPER_KEYS = ("state_dict", "model", "net", "module")
-
-
-@dataclass
-class TeacherConfig(MethodConfig):
-    """The teacher fields shared by every teacher-based method's ``Config``."""
-
-    teacher: str = ""
-    """timm model name of the teacher; empty means the student's own architecture."""
-    teacher_checkpoint: str = ""
-    """Teacher weights: safetensors, or a torch file (loaded with weights_only); required."""
-    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for ``timm.create_model`` when building the teacher."""
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -96,22 +82,3 @@ def load_teacher(name: str, checkpoint: str | Path, num_classes: int,
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def create_teacher(cfg: TeacherConfig, student: nn.Module, num_classes: int) -> nn.Module:
-    """The teacher described by a method config; ``cfg.teacher`` empty means the student's
-    architecture (TF-KD_self's pre-trained same-architecture teacher)."""
-    if not cfg.teacher_checkpoint:
-        raise ValueError(f"method '{cfg.name}' needs a teacher: set method.teacher_checkpoint "
-                         f"(a safetensors or torch file; e.g. the model.safetensors of a 'ce' run)")
-    name = cfg.teacher or _architecture(student)
-    return load_teacher(name, cfg.teacher_checkpoint, num_classes, **cfg.teacher_kwargs)
-
-
-def _architecture(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("architecture")
-    if not name:
-        raise ValueError("method.teacher is empty and the student's timm architecture is unknown; "
-                         "set method.teacher to a timm model name")
-    return name

@@ -1,4 +1,4 @@
-"""Triton kernels against ``kernels.reference`` computed in float64.
+"""Triton kernels against ``skd_kernels.reference`` computed in float64.
 
 Without a GPU the kernels run on CPU tensors through the Triton interpreter (``TRITON_INTERPRET=1``,
 set by conftest.py); with one, on CUDA tensors. Loss and gradient are compared on the same inputs
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import _dispatch, reference
+import skd_kernels
+from skd_kernels import _dispatch, reference
 
-# kernels.softmax_kl is the function; these are the modules that define the kernels.
-softmax_kl_mod = importlib.import_module("kernels.softmax_kl")
-pskd_mod = importlib.import_module("kernels.pskd")
+# skd_kernels.softmax_kl is the function; these are the modules that define the kernels.
+softmax_kl_mod = importlib.import_module("skd_kernels.softmax_kl")
+pskd_mod = importlib.import_module("skd_kernels.pskd")
 
 if _dispatch.INTERPRET:
     DEVICE = "cpu"
@@ -64,7 +64,7 @@ def check_softmax_kl(s, t, T, reduction="batchmean", labels=None, ce_weight=1.0,
     t = t.detach().requires_grad_()
     s0, t0 = s.detach().clone(), t.detach().clone()
     kw = dict(labels=labels, ce_weight=ce_weight, kl_weight=kl_weight)
-    loss = kernels.softmax_kl(s, t, T, reduction, **kw)
+    loss = skd_kernels.softmax_kl(s, t, T, reduction, **kw)
     assert loss.dtype == torch.float32
     weight_rows(loss, reduction, s.shape[0]).backward()
 
@@ -107,7 +107,7 @@ def test_softmax_kl_extreme_logits(T, dtype):
     t[1] = s[1].float() + 2048  # a constant shift: KL 0 again
     s[2, :] = 1e4  # a flat row
     check_softmax_kl(s, t, T, "none", labels=torch.randint(0, C, (B,), device=DEVICE))
-    loss = kernels.softmax_kl(s, t, T, "none")
+    loss = skd_kernels.softmax_kl(s, t, T, "none")
     assert loss[0].abs().item() <= 1e-4 and loss[1].abs().item() <= 1e-4 * T * T
 
 
@@ -133,14 +133,14 @@ def test_softmax_kl_strided_rows():
 
 def test_softmax_kl_leading_dims_and_errors():
     s, t = logits(6, 50, torch.float32), logits(6, 50, torch.float32)
-    rows = kernels.softmax_kl(s.view(2, 3, 50), t.view(2, 3, 50), 2.0, "none")
+    rows = skd_kernels.softmax_kl(s.view(2, 3, 50), t.view(2, 3, 50), 2.0, "none")
     assert rows.shape == (2, 3)
     expected = reference.softmax_kl(s.double(), t.double(), 2.0, "none")
     assert_close(rows.flatten(), expected, LOSS_TOL)
     with pytest.raises(ValueError, match="reduction"):
-        kernels.softmax_kl(s, t, reduction="mean")
+        skd_kernels.softmax_kl(s, t, reduction="mean")
     with pytest.raises(ValueError, match="shape"):
-        kernels.softmax_kl(s, t[:, :49])
+        skd_kernels.softmax_kl(s, t[:, :49])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def check_pskd(z, labels, memory, index, alpha, reduction="batchmean", probs_dty
     z0, memory0 = z.detach().clone(), memory.clone()
     probs = None if probs_dtype is None else torch.full(z.shape, float("nan"), dtype=probs_dtype,
                                                        device=z.device)
-    loss = kernels.pskd_loss(z, labels, memory, index, alpha, reduction, probs_out=probs)
+    loss = skd_kernels.pskd_loss(z, labels, memory, index, alpha, reduction, probs_out=probs)
     assert loss.dtype == torch.float32
     weight_rows(loss, reduction, z.shape[0]).backward()
 
@@ -215,7 +215,7 @@ def test_pskd_multi_block_rows_and_strides(monkeypatch):
     z = logits(B, C + 9, torch.bfloat16)[:, 4:4 + C]
     z = z.detach().requires_grad_()
     probs = torch.zeros(B, C + 3, dtype=torch.float32, device=DEVICE)
-    loss = kernels.pskd_loss(z, labels, memory, index, 0.5, probs_out=probs[:, :C])
+    loss = skd_kernels.pskd_loss(z, labels, memory, index, 0.5, probs_out=probs[:, :C])
     loss.backward()
     ref_probs = torch.softmax(z.detach().double(), -1)
     torch.testing.assert_close(probs[:, :C].double().cpu(), ref_probs.cpu(), rtol=2e-6, atol=2e-6)
@@ -228,7 +228,7 @@ def test_pskd_memory_write_before_backward_is_an_error():
     (autograd's version check), not change the gradient silently."""
     z, labels, memory, index = pskd_inputs(4, 10, torch.float32, torch.float16)
     z.requires_grad_()
-    loss = kernels.pskd_loss(z, labels, memory, index, 0.5)
+    loss = skd_kernels.pskd_loss(z, labels, memory, index, 0.5)
     memory[index] = 0.0
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
@@ -244,11 +244,11 @@ def test_pskd_extreme_logits():
 def test_pskd_errors():
     z, labels, memory, index = pskd_inputs(4, 10, torch.float32, torch.float32)
     with pytest.raises(ValueError, match="memory"):
-        kernels.pskd_loss(z, labels, memory[:, :9], index, 0.5)
+        skd_kernels.pskd_loss(z, labels, memory[:, :9], index, 0.5)
     with pytest.raises(ValueError, match="probs_out"):
-        kernels.pskd_loss(z, labels, memory, index, 0.5, probs_out=torch.empty(4, 9, device=DEVICE))
+        skd_kernels.pskd_loss(z, labels, memory, index, 0.5, probs_out=torch.empty(4, 9, device=DEVICE))
     with pytest.raises(ValueError, match="reduction"):
-        kernels.pskd_loss(z, labels, memory, index, 0.5, "sum")
+        skd_kernels.pskd_loss(z, labels, memory, index, 0.5, "sum")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,13 +272,13 @@ def compile_sm90(module, kernel, **constexprs):
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 tile = dict(BLOCK_B=2, BLOCK_C=256)
-compile_sm90("kernels.softmax_kl", "_softmax_kl_fwd_kernel", HAS_LABELS=True, CE_OWN_LSE=True,
+compile_sm90("skd_kernels.softmax_kl", "_softmax_kl_fwd_kernel", HAS_LABELS=True, CE_OWN_LSE=True,
              **tile)
-compile_sm90("kernels.softmax_kl", "_softmax_kl_bwd_kernel", HAS_LABELS=True, **tile)
+compile_sm90("skd_kernels.softmax_kl", "_softmax_kl_bwd_kernel", HAS_LABELS=True, **tile)
 for single in (True, False):
-    compile_sm90("kernels.pskd", "_pskd_fwd_kernel", ALPHA_IS_TENSOR=single, WRITE_PROBS=True,
+    compile_sm90("skd_kernels.pskd", "_pskd_fwd_kernel", ALPHA_IS_TENSOR=single, WRITE_PROBS=True,
                  SINGLE_BLOCK=single, **tile)
-compile_sm90("kernels.pskd", "_pskd_bwd_kernel", ALPHA_IS_TENSOR=True, **tile)
+compile_sm90("skd_kernels.pskd", "_pskd_bwd_kernel", ALPHA_IS_TENSOR=True, **tile)
 """
 
 
@@ -289,12 +289,12 @@ def test_kernels_compile_for_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, cwd=Path(kernels.__file__).resolve().parents[1], timeout=300)
+                          text=True, cwd=Path(skd_kernels.__file__).resolve().parents[1], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_cpu_without_interpreter_takes_reference(monkeypatch):
-    """With the interpreter flag off, CPU tensors go to kernels.reference and no kernel launches."""
+    """With the interpreter flag off, CPU tensors go to skd_kernels.reference and no kernel launches."""
     monkeypatch.setattr(_dispatch, "INTERPRET", False)
 
     def no_launch(*args, **kwargs):
@@ -311,8 +311,8 @@ def test_cpu_without_interpreter_takes_reference(monkeypatch):
     s, t = torch.randn(3, 7), torch.randn(3, 7)
     memory = torch.softmax(torch.randn(5, 7), -1)
     labels, index = torch.tensor([0, 6, 2]), torch.tensor([4, 4, 1])
-    assert torch.equal(kernels.softmax_kl(s, t, 2.0), real["softmax_kl"](s, t, 2.0))
-    assert torch.equal(kernels.pskd_loss(s, labels, memory, index, 0.3),
+    assert torch.equal(skd_kernels.softmax_kl(s, t, 2.0), real["softmax_kl"](s, t, 2.0))
+    assert torch.equal(skd_kernels.pskd_loss(s, labels, memory, index, 0.3),
                        real["pskd_loss"](s, labels, memory, index, 0.3))
     assert calls == ["softmax_kl", "pskd_loss"]
 
@@ -325,10 +325,10 @@ def test_float64_takes_reference(monkeypatch):
     monkeypatch.setattr(softmax_kl_mod, "_forward", no_launch)
     monkeypatch.setattr(pskd_mod, "_forward", no_launch)
     s, t = logits(3, 7, torch.float64), logits(3, 7, torch.float64)
-    assert kernels.softmax_kl(s, t, 2.0).dtype == torch.float64
+    assert skd_kernels.softmax_kl(s, t, 2.0).dtype == torch.float64
     memory = torch.softmax(torch.randn(5, 7, device=DEVICE), -1)
     labels, index = torch.tensor([0, 6, 2], device=DEVICE), torch.tensor([4, 4, 1], device=DEVICE)
-    assert kernels.pskd_loss(s, labels, memory, index, 0.3).dtype == torch.float64
+    assert skd_kernels.pskd_loss(s, labels, memory, index, 0.3).dtype == torch.float64
 
 
 def test_traces_without_graph_break():
@@ -341,8 +341,8 @@ def test_traces_without_graph_break():
     probs = torch.empty(B, C, dtype=torch.float16, device=DEVICE)
 
     def step(z, probs):
-        return (kernels.softmax_kl(z, t, 4.0, labels=labels)
-                + kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=probs))
+        return (skd_kernels.softmax_kl(z, t, 4.0, labels=labels)
+                + skd_kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=probs))
 
     z_eager = z.detach().requires_grad_()
     step(z_eager, probs).backward()
@@ -359,7 +359,7 @@ def test_traces_without_graph_break():
 @pytest.mark.skipif(not _dispatch.INTERPRET, reason="--smoke runs under TRITON_INTERPRET=1")
 def test_bench_harness_smoke(tmp_path, capsys):
     """The benchmark harness end to end on CPU (wall-clock timer, tiny shape): table and JSON."""
-    from kernels import bench
+    from skd_kernels import bench
 
     out = tmp_path / "bench.json"
     bench.main(["--smoke", "--shapes", "4x20", "--dtypes", "bf16", "--providers", "triton", "eager",
@@ -390,8 +390,8 @@ def test_cuda_graph_capture_and_compile():
     probs = torch.empty(B, C, device=dev, dtype=torch.float16)
 
     def forward():
-        return (kernels.softmax_kl(z, t, 4.0, labels=labels)
-                + kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=probs))
+        return (skd_kernels.softmax_kl(z, t, 4.0, labels=labels)
+                + skd_kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=probs))
 
     def step(forward=forward):
         z.grad = None

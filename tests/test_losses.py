@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import skd_kernels
 from skd import losses
 
 # nn.KLDivLoss(reduction="mean") warns that 'mean' is not 'batchmean': that is the point here.
@@ -362,7 +362,7 @@ def test_ickd_rejects_unembedded_student():
 # ---- PS-KD ------------------------------------------------------------------------------------
 
 def test_pskd_loss_is_the_kernel():
-    assert losses.pskd_loss is kernels.pskd_loss
+    assert losses.pskd_loss is skd_kernels.pskd_loss
 
 
 @pytest.mark.parametrize("fn", [losses.kd_loss, losses.cskd_loss, losses.nkd_loss,

@@ -18,9 +18,8 @@ from torch import nn
 from skd import losses
 from skd.features import forward_with_last_map, last_map_channels
 from skd.methods.base import DataSpec
-from skd.methods.kd import TeacherMethod
 from skd.methods.registry import register_method
-from skd.teacher import TeacherConfig
+from skd.methods.teacher import TeacherConfig, TeacherMethod
 
 
 def make_embed(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""Hinton KD with RepDistiller's weights (METHODS §1.2), and the base of every teacher method.
+"""Hinton KD with RepDistiller's weights (METHODS §1.2).
 
 ``loss = γ·CE(s, y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T))`` (batchmean). RepDistiller's KD
 recipe is ``-r 0.1 -a 0.9 --kd_T 4``, the defaults here.
@@ -8,28 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from skd import losses
-from skd.methods.base import DataSpec, Method
 from skd.methods.registry import register_method
-from skd.teacher import TeacherConfig, create_teacher
-
-
-class TeacherMethod(Method):
-    """A method with a frozen teacher (``self.teacher``): eval mode, no gradients, outside the
-    optimizer and checkpoints. Its forward runs inside the method's, so under the same autocast."""
-
-    def __init__(self, model: nn.Module, cfg: TeacherConfig, data: DataSpec) -> None:
-        super().__init__(model, cfg, data)
-        self.teacher = create_teacher(cfg, model, data.num_classes)
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.teacher]
-
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.teacher(images)
+from skd.methods.teacher import TeacherConfig, TeacherMethod
 
 
 @register_method("kd")

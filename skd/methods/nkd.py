@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from skd import losses
-from skd.methods.kd import TeacherMethod
 from skd.methods.registry import register_method
-from skd.teacher import TeacherConfig
+from skd.methods.teacher import TeacherConfig, TeacherMethod
 
 
 @register_method("nkd")

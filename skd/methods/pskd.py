@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import skd_kernels
 from skd.memory import SoftTargetMemory
 from skd.methods.base import DataSpec, Method, MethodConfig
 from skd.methods.registry import register_method
@@ -52,7 +52,7 @@ class PSKD(Method):
         logits = self.model(batch["image"])
         table = self.memory.to_device(logits.device)
         probs = torch.empty(logits.shape, dtype=table.dtype, device=logits.device)
-        loss = kernels.pskd_loss(logits, batch["label"], table, batch["index"], self.alpha_t,
+        loss = skd_kernels.pskd_loss(logits, batch["label"], table, batch["index"], self.alpha_t,
                                  probs_out=probs)
         return {"loss": loss, "logits": logits, "probs": probs}
 

@@ -20,16 +20,16 @@ import torch
 from torch import nn
 
 from skd import losses
-from skd.methods.base import DataSpec, Method
+from skd.methods.base import DataSpec
 from skd.methods.registry import register_method
-from skd.teacher import TeacherConfig, create_teacher
+from skd.methods.teacher import TeacherConfig, TeacherMethod
 
 # ResNet-18 values of the official experiments/*/params.json (METHODS §4.1, §4.2).
 _DEFAULT_MULTIPLIER = {"reg": 100.0, "self": 50.0}
 
 
 @register_method("tfkd")
-class TFKD(Method):
+class TFKD(TeacherMethod):
     @dataclass
     class Config(TeacherConfig):
         name: str = "tfkd"
@@ -62,10 +62,10 @@ class TFKD(Method):
         super().__init__(model, cfg, data)
         self.multiplier = (_DEFAULT_MULTIPLIER[cfg.mode] if cfg.multiplier is None
                            else cfg.multiplier)
-        self.teacher = create_teacher(cfg, model, data.num_classes) if cfg.mode == "self" else None
 
-    def frozen_modules(self) -> list[nn.Module]:
-        return [] if self.teacher is None else [self.teacher]
+    @classmethod
+    def uses_teacher(cls, cfg: Config) -> bool:
+        return cfg.mode == "self"
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -77,8 +77,7 @@ class TFKD(Method):
                                         kl_reduction=cfg.kl_reduction)
             alpha = cfg.reg_alpha
         else:
-            with torch.no_grad():
-                teacher = self.teacher(images)
+            teacher = self.teacher_logits(images)
             loss = losses.tfkd_self_loss(logits, teacher, labels, cfg.temperature, cfg.alpha,
                                          self.multiplier, kl_reduction=cfg.kl_reduction)
             alpha = cfg.alpha
