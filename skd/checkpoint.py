@@ -2,21 +2,31 @@
 
 A checkpoint is written to ``<name>.tmp`` and renamed into place, so a kill at any moment leaves
 either the old set of checkpoints or the old set plus one complete new file, never a partial
-file under a name that ``resume=auto`` would pick.
+file under a name that ``resume=auto`` would pick. Every checkpoint carries the ``run_id`` of the
+run that wrote it, and pruning only ever deletes checkpoints of the run that is writing.
+
+State too large to gather on one process (a sharded PS-KD memory) is written by every rank as a
+*part* file beside the checkpoint (``step-N.pt.rank-R-of-W``), each atomically, before the main
+file; the main file records how many parts it has, and appears last. Parts go with their main
+file when it is pruned; parts without one (a save that was killed) are removed by the next save.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 CHECKPOINT_DIR = "checkpoints"
+BEST_NAME = "best.pt"
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
+_PART = re.compile(r"^(.+\.pt)\.rank-\d{5}-of-(\d{5})$")
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -37,26 +47,142 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); no partial file is left."""
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path, keep: int = 0) -> Path:
-    """Atomically write ``state`` to ``path``; then keep only the ``keep`` newest (0: all).
+    """Atomically write ``state`` to ``path``; then keep only the ``keep`` newest checkpoints of
+    the same ``state["run_id"]`` (0: all). Checkpoints of other runs are never deleted.
 
     Temporary files left by a save that was killed are removed once a later save succeeds.
+    Raises ``CheckpointWriteError`` naming the newest intact checkpoint if the write fails.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    for stale in path.parent.glob("*.pt.tmp"):
+    try:
+        _write_atomically(state, path)
+    except OSError as e:
+        intact = latest_checkpoint(path.parent.parent)
+        kept = f"the newest intact checkpoint is {intact}" if intact else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {_why(e)}; {kept}") from None
+    for stale in path.parent.glob("*.tmp"):
         stale.unlink(missing_ok=True)
     if keep > 0:
-        for old in list_checkpoints(path.parent.parent)[:-keep]:
+        run_id = state.get("run_id")
+        mine = [p for p in list_checkpoints(path.parent.parent) if read_run_id(p) == run_id]
+        for old in mine[:-keep]:
             old.unlink(missing_ok=True)
+    for part in path.parent.iterdir():  # parts whose checkpoint was pruned or never completed
+        m = _PART.match(part.name)
+        if m and not (part.parent / m.group(1)).exists():
+            part.unlink(missing_ok=True)
     return path
+
+
+def part_path(path: str | Path, rank: int, world_size: int) -> Path:
+    """The file of rank ``rank``'s part of checkpoint ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.rank-{rank:05d}-of-{world_size:05d}")
+
+
+def save_part(part: dict[str, Any], path: str | Path, rank: int, world_size: int) -> None:
+    """Atomically write this rank's part of checkpoint ``path`` (before the main file is saved)."""
+    target = part_path(path, rank, world_size)
+    try:
+        _write_atomically(part, target)
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write checkpoint part {target}: {_why(e)}") from None
+
+
+def _write_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``<path>.tmp``, fsync, rename; on an ``OSError`` no file is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            sink = _ErrorRecordingFile(f)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError as e:  # torch hides the OSError of a failed write behind this
+                raise sink.error or e
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _why(e: OSError) -> str:
+    return "the disk is full" if e.errno == errno.ENOSPC else f"{e.strerror or e}"
+
+
+def load_parts(path: str | Path, count: int) -> list[dict[str, Any]]:
+    """The ``count`` parts of checkpoint ``path``, memory-mapped: a rank copies only the slices
+    it needs."""
+    parts = []
+    for rank in range(count):
+        file = part_path(path, rank, count)
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint {path} lists {count} per-rank parts, but {file} is missing")
+        parts.append(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+    return parts
+
+
+class _ErrorRecordingFile:
+    """A write-only file wrapper that keeps the ``OSError`` of a failed write (torch.save reports
+    only a generic RuntimeError)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def read_run_id(path: str | Path) -> str | None:
+    """The ``run_id`` stored in a checkpoint, read without loading its tensors (memory-mapped);
+    None for a checkpoint without one or a file that does not load."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  a damaged file belongs to no run
+        return None
+    return state.get("run_id") if isinstance(state, dict) else None
+
+
+def keep_as_best(path: str | Path) -> Path:
+    """Make the checkpoint ``path`` the run's ``checkpoints/best.pt`` (a hard link, else a copy;
+    swapped in atomically). Pruning of ``path`` later leaves ``best.pt`` in place."""
+    path = Path(path)
+    best = path.parent / BEST_NAME
+    parts = [(p, best.with_name(BEST_NAME + p.name[len(path.name):]))
+             for p in sorted(path.parent.glob(path.name + ".rank-*"))]
+    for old in best.parent.glob(BEST_NAME + ".rank-*"):  # another world size's parts
+        if old not in {target for _, target in parts}:
+            old.unlink()
+    for source, target in parts + [(path, best)]:  # the main file last, as when saving
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    _fsync_dir(best.parent)
+    return best
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    best = Path(run_dir) / CHECKPOINT_DIR / BEST_NAME
+    return best if best.is_file() else None
 
 
 def _fsync_dir(folder: Path) -> None:

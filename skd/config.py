@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from skd.methods import MethodConfig, get_method_config_class, list_methods
+from skd.config_checks import bounded, check_fields, one_of
+from skd.methods import MethodConfig, get_method_class, get_method_config_class, list_methods
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,45 +33,81 @@ class DataConfig:
     """Training shard directory (with dataset.json), or ``digits`` for the built-in demo data."""
     val: str = "digits"
     """Evaluation shard directory, or ``digits``."""
-    backend: str = "torch"
-    """Loader backend. ``torch``: webdataset + PIL + timm transforms in DataLoader workers."""
-    batch_size: int = 128
+    backend: str = one_of("torch", ("torch", "dali"))
+    """Loader backend. ``torch``: PIL + timm transforms in DataLoader workers. ``dali``: the same
+    samples, batches and crops, decoded and augmented by NVIDIA DALI (``pip install 'skd[dali]'``)."""
+    dali_device: str = one_of("gpu", ("gpu", "cpu"))
+    """``backend=dali``: ``gpu`` decodes (nvJPEG, hardware JPEG decoder) and augments on this
+    process's GPU; ``cpu`` runs the same DALI pipeline on the CPU (no GPU needed)."""
+    dali_threads: int = bounded(4, ge=1)
+    """``backend=dali``: DALI CPU threads per process (they do all the decoding when dali_device=cpu)."""
+    dali_hw_decoder_load: float = bounded(0.65, ge=0, le=1)
+    """``backend=dali``, ``dali_device=gpu``: share of the JPEGs sent to the GPU's hardware JPEG
+    decoder (A100, H100, H200); the rest are decoded with CUDA."""
+    dali_dtype: str = one_of("float32", ("float32", "float16", "bfloat16"))
+    """``backend=dali``: dtype of the normalised images (half types need precision=bf16/fp16)."""
+    batch_size: int = bounded(128, ge=1)
     """Global batch per optimizer step: processes × per-process batch × grad_accum_steps."""
-    eval_batch_size: int = 0
+    eval_batch_size: int = bounded(0, ge=0)
     """Global evaluation batch; 0 means the training batch size."""
-    num_workers: int = 2
-    """DataLoader worker processes per rank."""
-    shuffle_buffer: int = 2000
+    num_workers: int = bounded(2, ge=0)
+    """DataLoader worker processes per rank (with backend=dali they only read the shards)."""
+    shuffle_buffer: int = bounded(2000, ge=0)
     """Samples in each worker's shuffle buffer (training only)."""
+    max_corrupt_fraction: float = bounded(0.01, ge=0, le=1)
+    """Stop when more than this fraction of an epoch's training samples so far (or of the
+    evaluation set) were corrupt and skipped."""
     drop_last: bool = False
     """Drop the incomplete last training batch. Off by default, as in the seeds' loaders: every
     sample is seen every epoch (PS-KD's memory has no never-written rows)."""
-    img_size: int = 224
+    img_size: int = bounded(224, ge=1)
     """Input resolution fed to the model."""
-    train_crop: str = "rrc"
+    train_crop: str = one_of("rrc", ("rrc", "pad_crop"))
     """``rrc``: timm RandomResizedCrop pipeline; ``pad_crop``: CIFAR-style RandomCrop with padding."""
-    crop_padding: int = 4
+    crop_padding: int = bounded(4, ge=0)
     """Zero padding of the ``pad_crop`` random crop."""
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     """RandomResizedCrop area range."""
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     """RandomResizedCrop aspect-ratio range."""
-    hflip: float = 0.5
+    hflip: float = bounded(0.5, ge=0, le=1)
     """Horizontal flip probability."""
-    rotation: float = 0.0
+    rotation: float = bounded(0.0, ge=0, le=180)
     """Random rotation in degrees (TF-KD's CIFAR recipe uses 15); 0 disables it."""
-    color_jitter: float = 0.0
+    color_jitter: float = bounded(0.0, ge=0)
     """timm colour jitter strength (0 disables)."""
     auto_augment: str | None = None
     """timm auto-augment policy string, e.g. ``rand-m9-mstd0.5``."""
-    re_prob: float = 0.0
+    re_prob: float = bounded(0.0, ge=0, le=1)
     """Random-erasing probability."""
-    interpolation: str = "bilinear"
+    re_mode: str = one_of("const", ("const", "rand", "pixel"))
+    """Random-erasing fill (timm ``re_mode``): ``const`` zeros, ``rand`` one normal colour per box,
+    ``pixel`` normal noise per pixel (DeiT, Swin)."""
+    pca_lighting: float = bounded(0.0, ge=0)
+    """AlexNet PCA lighting noise (PS-KD's ImageNet code, pycls): standard deviation of the
+    weights of the ImageNet RGB eigenvectors added to [0, 1] pixels, e.g. 0.1; 0 disables it."""
+    interpolation: str = one_of("bilinear", ("bilinear", "bicubic", "nearest", "random"))
     """Resize interpolation."""
-    crop_pct: float = 0.875
+    crop_pct: float = bounded(0.875, gt=0, le=1)
     """Evaluation centre-crop fraction (resize to img_size / crop_pct, then crop)."""
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    """Per-channel normalisation mean (RGB)."""
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    """Per-channel normalisation standard deviation (RGB)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "data.scale", self.scale,
+               "must be [low, high] with 0 < low <= high <= 1")
+        _check(len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1], "data.ratio", self.ratio,
+               "must be [low, high] with 0 < low <= high")
+        _check(len(self.mean) == 3, "data.mean", self.mean, "must hold 3 values (RGB)")
+        _check(len(self.std) == 3 and all(s > 0 for s in self.std), "data.std", self.std,
+               "must hold 3 positive values (RGB)")
+        _check(self.rotation == 0 or self.train_crop == "pad_crop", "data.rotation", self.rotation,
+               "is only supported with data.train_crop=pad_crop")
+        if self.backend == "dali":  # DALI installed, a GPU if asked for, no augmentation it lacks
+            from skd.data.dali_loader import check_dali_config
+            check_dali_config(self)
 
 
 @dataclass
@@ -81,9 +118,9 @@ class ModelConfig:
     """Load timm pretrained weights (needs them cached locally or a hub)."""
     checkpoint: str = ""
     """Initial weights from a local safetensors/torch file (timm ``pretrained_cfg_overlay``)."""
-    drop_rate: float = 0.0
+    drop_rate: float = bounded(0.0, ge=0, lt=1)
     """Classifier dropout."""
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = bounded(0.0, ge=0, lt=1)
     """Stochastic depth rate (passed only when non-zero; not every model accepts it)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``timm.create_model``."""
@@ -92,18 +129,34 @@ class ModelConfig:
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
 
+    def __post_init__(self) -> None:
+        import timm
+
+        import skd.models  # noqa: F401  registers the CIFAR nets with timm
+
+        if not timm.is_model(self.name):
+            close = difflib.get_close_matches(self.name, timm.list_models(), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
+            raise ConfigError(f"config key 'model.name' = {self.name!r}: not a timm model{hint}")
+
 
 @dataclass
 class OptimConfig:
     opt: str = "sgd"
     """timm optimizer name. Note timm's ``sgd`` is Nesterov SGD; ``momentum`` is plain momentum SGD."""
-    lr: float = 0.1
+    lr: float = bounded(0.1, ge=0)
     """Base learning rate (for the global batch size)."""
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = bounded(0.9, ge=0, le=1)
+    """Momentum of the SGD variants."""
+    weight_decay: float = bounded(5e-4, ge=0)
+    """Weight decay (timm applies it decoupled for AdamW-style optimizers)."""
     wd_exclude_norm_bias: bool = False
-    """Skip weight decay on norm and bias parameters (timm style). False = the seeds' behaviour."""
-    clip_grad: float | None = None
+    """Skip weight decay on norm and bias parameters and on the model's ``no_weight_decay()``
+    parameters (timm style). False = the seeds' behaviour (decay on every parameter)."""
+    layer_decay: float | None = bounded(None, gt=0, le=1)
+    """Layer-wise lr decay (timm ``layer_decay``, ViT fine-tuning): the lr of the student's layer
+    groups (its ``group_matcher``) shrinks by this factor per layer from the head down."""
+    clip_grad: float | None = bounded(None, gt=0)
     """Clip the global gradient norm to this value."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``timm.optim.create_optimizer_v2``."""
@@ -111,17 +164,20 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    sched: str = "multistep"
-    """timm scheduler: ``multistep``, ``step``, ``cosine``, ``poly`` ... (not ``plateau``: the
-    loop passes it no metric)."""
+    sched: str = one_of("multistep", ("multistep", "step", "cosine", "tanh", "poly"))
+    """timm scheduler (not ``plateau``: the loop passes it no metric)."""
     decay_milestones: list[int] = field(default_factory=lambda: [150, 225])
     """Epochs at which ``multistep`` multiplies the lr by decay_rate (applied from that epoch on)."""
-    decay_epochs: float = 30
+    decay_epochs: float = bounded(30, gt=0)
     """Period of the ``step`` schedule."""
-    decay_rate: float = 0.1
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-5
-    min_lr: float = 0.0
+    decay_rate: float = bounded(0.1, gt=0)
+    """Factor applied to the lr at each decay."""
+    warmup_epochs: int = bounded(0, ge=0)
+    """Epochs of linear warm-up from ``warmup_lr``."""
+    warmup_lr: float = bounded(1e-5, ge=0)
+    """lr at the start of the warm-up."""
+    min_lr: float = bounded(0.0, ge=0)
+    """Floor of the decaying schedules (cosine, poly)."""
     step_on_epochs: bool = True
     """Update the lr once per epoch (False: every optimizer step, smoother warm-up/cosine)."""
 
@@ -130,54 +186,96 @@ class SchedConfig:
 class EmaConfig:
     enabled: bool = False
     """Keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too."""
-    decay: float = 0.9998
+    decay: float = bounded(0.9998, ge=0, le=1)
+    """Weight of the old average at each update."""
     warmup: bool = False
+    """timm's EMA warm-up (a smaller decay during the first updates)."""
+
+
+@dataclass
+class MixupConfig:
+    """Mixup/CutMix with timm's parameters, one λ per batch (timm ``mode="batch"``: sample i is
+    mixed with sample B−1−i). On when ``alpha`` or ``cutmix_alpha`` is positive or
+    ``cutmix_minmax`` is set; only methods that accept mixed targets may use it."""
+
+    alpha: float = bounded(0.0, ge=0)
+    """Mixup α: λ ~ Beta(α, α); 0 turns Mixup off (DeiT: 0.8)."""
+    cutmix_alpha: float = bounded(0.0, ge=0)
+    """CutMix α: λ ~ Beta(α, α), a box of 1 − λ of the image pasted from the partner; 0 turns
+    CutMix off (DeiT: 1.0)."""
+    cutmix_minmax: list[float] | None = None
+    """CutMix box sides as [min, max] fractions of the image sides, instead of drawing λ (timm:
+    then cutmix_alpha counts as 1)."""
+    prob: float = bounded(1.0, ge=0, le=1)
+    """Probability that a batch is mixed at all."""
+    switch_prob: float = bounded(0.5, ge=0, le=1)
+    """With both on: probability that a mixed batch uses CutMix rather than Mixup."""
+    label_smoothing: float = bounded(0.1, ge=0, lt=1)
+    """ε inside the mixed target: each one-hot becomes (1 − ε)·onehot + ε/C before mixing."""
+    correct_lam: bool = True
+    """CutMix: λ = 1 − (area of the box after clipping to the image) / (image area)."""
+
+    def __post_init__(self) -> None:
+        minmax = self.cutmix_minmax
+        _check(minmax is None or (len(minmax) == 2 and 0 < minmax[0] < minmax[1] <= 1),
+               "mixup.cutmix_minmax", minmax, "must be [min, max] with 0 < min < max <= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.alpha > 0 or self.cutmix_alpha > 0 or self.cutmix_minmax is not None
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
-    epochs: int = 300
+    """Seed of initial weights, data order and augmentation."""
+    epochs: int = bounded(300, ge=1)
     """Length of the run; the lr and PS-KD α schedules depend on it."""
     output_dir: str = ""
     """Run directory; empty means ``runs/<time>-<method>-<model>``."""
     resume: str = ""
     """``auto``: continue from the newest checkpoint in output_dir; or a checkpoint path."""
-    precision: str = "auto"
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """Config keys (``epochs``, ``optim.lr``, a section such as ``sched``) that may differ from the
+    checkpoint's config on resume; any other difference stops the resume."""
+    precision: str = one_of("auto", ("auto", "no", "bf16", "fp16"))
     """``auto`` (bf16 on GPU, fp32 on CPU), ``no``, ``bf16`` or ``fp16``."""
-    grad_accum_steps: int = 1
-    checkpoint_every: int = 0
+    grad_accum_steps: int = bounded(1, ge=1)
+    """Micro-batches per optimizer step."""
+    checkpoint_every: int = bounded(0, ge=0)
     """Also checkpoint every N optimizer steps (0: only at epoch ends)."""
-    keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep."""
-    log_every: int = 50
-    """Optimizer steps between log lines; NaN and stop-signal checks happen on these steps."""
+    keep_checkpoints: int = bounded(2, ge=0)
+    """How many of the newest checkpoints to keep (0: all)."""
+    log_every: int = bounded(50, ge=1)
+    """Optimizer steps between log lines (losses reach the host, the NaN check runs)."""
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     """accelerate trackers: ``tensorboard``, ``wandb``; empty for none."""
     deterministic: bool = False
     """torch deterministic algorithms, cuDNN benchmark off."""
+    best_metric: str = one_of("top1", ("top1", "top5", "nll", "ece", "aurc", "eaurc"))
+    """Validation metric that picks the best epoch (``top1``/``top5``: highest; the others: lowest);
+    its checkpoint is kept as ``checkpoints/best.pt`` and its weights as ``model_best.safetensors``."""
+    save_probs: bool = False
+    """Also keep every softmax probability (``[N, C]`` float32) in ``predictions.npz`` and
+    ``predictions_best.npz``; they are then gathered across processes at every evaluation."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=lambda: get_method_config_class("ce")(name="ce"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
     reference: dict[str, Any] = field(default_factory=dict)
     """Informational: where a preset comes from and what it should reach (source, table, metric,
     expected value, notes). Not used by training."""
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
-        _check(self.precision in ("auto", "no", "bf16", "fp16"), "precision", self.precision,
-               "must be auto, no, bf16 or fp16")
-        _check(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
-        _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
-        _check(self.sched.sched != "plateau", "sched.sched", self.sched.sched,
-               "is not supported (it needs a validation metric each epoch)")
-        _check(self.data.backend == "torch", "data.backend", self.data.backend,
-               "only the 'torch' backend is available in this release")
-        _check(self.data.train_crop in ("rrc", "pad_crop"), "data.train_crop", self.data.train_crop,
-               "must be rrc or pad_crop")
+        if self.mixup.enabled:  # refused before any work: the method must accept mixed targets
+            why = get_method_class(self.method.name).mixup_refusal(self.method)
+            able = [m for m in list_methods() if get_method_class(m).supports_mixup]
+            _check(why is None, "method.name", self.method.name,
+                   f"cannot train with Mixup/CutMix (mixup.alpha, mixup.cutmix_alpha): {why}; "
+                   f"methods that can: {', '.join(able)}")
 
 
 # The embedded demo: PS-KD on the scikit-learn digits, small enough for two CPU cores.
@@ -217,10 +315,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; ``update`` wins."""
+    """Recursive dict merge; ``update`` wins, and an empty mapping in it replaces (``key={}``
+    clears a mapping such as ``model.kwargs``)."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
             out[key] = value
@@ -232,23 +331,31 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if data is None:
+        raise ConfigError(f"config file {path} is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
 
 
 def load_config(config_file: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Demo defaults when no file is given, else the file; then the ``key=value`` overrides."""
+    """Demo defaults when no file is given, else the file; then the ``key=value`` overrides.
+
+    An override that switches ``method.name`` drops the preset's method settings, and one that
+    switches ``model.name`` drops the preset's ``model.kwargs``: both belong to what was replaced.
+    """
     raw = DEMO_OVERRIDES if config_file is None else load_yaml(config_file)
     where = "demo config" if config_file is None else str(config_file)
     update = parse_overrides(list(overrides))
-    new_method = update.get("method", {}).get("name")
-    if new_method is not None and new_method != raw.get("method", {}).get("name"):
-        # Another method: the preset's method settings belong to the old one.
-        raw = {k: v for k, v in raw.items() if k != "method"}
+    for section, drop in (("method", None), ("model", "kwargs")):
+        new_name = update.get(section, {}).get("name") if isinstance(update.get(section), dict) else None
+        old = raw.get(section) if isinstance(raw.get(section), dict) else {}
+        if new_name is not None and new_name != old.get("name"):
+            kept = {} if drop is None else {k: v for k, v in old.items() if k != drop}
+            raw = {**raw, section: kept}
     return build_config(merge(raw, update), where)
 
 
@@ -277,11 +384,15 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown config key '{prefix}{key}'{_suggest(key, names, prefix)}")
         kwargs[key] = _coerce(hints[key], value, prefix + key)
     try:
-        return cls(**kwargs)
+        section = cls(**kwargs)
+        check_fields(section, prefix)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:  # a method's own __post_init__ checks raise ValueError
+    except ValueError as e:  # field rules, and a method's own __post_init__ checks
+        raise ConfigError(str(e)) from None
+    except TypeError as e:
         raise ConfigError(f"section '{prefix.rstrip('.') or 'top level'}': {e}") from None
+    return section
 
 
 def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
@@ -316,6 +427,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
+        if value is None:  # key=null clears a mapping
+            return {}
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         return dict(value)

@@ -69,7 +69,53 @@ def test_console_script_reports_bad_method_value_and_missing_data(tmp_path):
     out = subprocess.run([sys.executable, "-m", "skd", "train", "method.memory_dtype=fp8"],
                          capture_output=True, text=True)
     assert out.returncode == 2
-    assert "method.memory_dtype must be one of" in out.stderr and "Traceback" not in out.stderr
+    assert "method.memory_dtype' = 'fp8': must be one of" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run([sys.executable, "-m", "skd", "train", f"data.train={tmp_path / 'nowhere'}",
                           f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True)
     assert out.returncode == 2 and "nowhere" in out.stderr and "Traceback" not in out.stderr
+
+
+def _all_keys() -> set[str]:
+    """Every config key, walked from the dataclasses themselves."""
+    import dataclasses
+    import typing
+
+    from skd.config import TrainConfig
+    from skd.methods import get_method_config_class, list_methods
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from walk(hints[f.name], f"{prefix}{f.name}.")
+            elif f.name != "method":
+                yield prefix + f.name
+
+    keys = set(walk(TrainConfig, ""))
+    for name in list_methods():
+        keys |= set(walk(get_method_config_class(name), "method."))
+    return keys
+
+
+def test_train_help_lists_every_config_key_with_type_default_and_doc(capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    text = capsys.readouterr().out
+    keys = _all_keys()
+    assert len(keys) > 60
+    missing = [k for k in keys if f"\n  {k}  (" not in text]
+    assert not missing
+    assert "  data.batch_size  (int = 128; >= 1)\n      Global batch per optimizer step" in text
+    assert "fields of method.name=pskd:\n  method.alpha_T  (float = 0.8; >= 0 and <= 1)" in text
+
+
+def test_skd_config_prints_yaml_that_resolves_to_the_same_config(tmp_path, capsys):
+    from skd.cli import main as skd_main
+    preset = ROOT / "configs" / "fine_grained" / "resnet18_cskd_cub200.yaml"
+    args = ["--config", str(preset), "method.lam=2", "data.train=/x", "seed=3"]
+    assert skd_main(["config", *args]) == 0
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(capsys.readouterr().out)
+    assert load_config(resolved) == load_config(preset, args[2:])
+    assert skd_main(["config", "data.bach_size=3"]) == 2
+    assert "did you mean 'data.batch_size'" in capsys.readouterr().err

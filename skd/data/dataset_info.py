@@ -54,14 +54,6 @@ class DatasetInfo:
         counts = np.array([s.num_samples for s in self.shards], dtype=np.int64)
         return np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)])
 
-    def locate(self, sample_id: int) -> tuple[int, int]:
-        """(shard index, position inside the shard) of a global sample id."""
-        if not 0 <= sample_id < self.num_samples:
-            raise IndexError(f"sample id {sample_id} outside [0, {self.num_samples})")
-        offsets = self.shard_offsets
-        shard = int(np.searchsorted(offsets, sample_id, side="right")) - 1
-        return shard, int(sample_id - offsets[shard])
-
     def shard_paths(self, directory: str | Path) -> list[Path]:
         return [Path(directory) / s.name for s in self.shards]
 

@@ -30,7 +30,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -96,12 +96,15 @@ def _base_plus_ext(name: str) -> tuple[str | None, str | None]:
 
 
 def iter_shard(path: str | Path, *, start_offset: int = 0, start_position: int = 0,
-               read_images: bool = True, name: str | None = None) -> Iterator[RawSample]:
+               read_images: bool = True, name: str | None = None,
+               expected: int | None = None) -> Iterator[RawSample]:
     """Samples of one tar shard from byte ``start_offset`` (a sample's first header, from the
     index; 0 for the start) on. ``start_position`` is the position of that sample in the shard.
 
     Only ``cls``/``json`` and the image member are read; with ``read_images=False`` the image is
-    left on disk (``image is None``) and can be fetched later from ``image_offset``.
+    left on disk (``image is None``) and can be fetched later from ``image_offset``. A damaged or
+    truncated shard raises ``ShardFormatError`` saying how many of its samples were complete
+    (and how many ``expected``, the count dataset.json lists, when given).
     """
     name = name or Path(path).name
     path = str(path)
@@ -115,6 +118,11 @@ def iter_shard(path: str | Path, *, start_offset: int = 0, start_position: int =
             raise ShardFormatError(f"{name}: not a readable tar file at byte {start_offset}: {e}") from None
         current: RawSample | None = None
         position = start_position
+
+        def found() -> str:
+            listed = f"; dataset.json lists {expected}" if expected is not None else ""
+            return f" ({position} complete samples before it{listed})"
+
         try:
             while True:
                 info = tar.next()
@@ -142,35 +150,37 @@ def iter_shard(path: str | Path, *, start_offset: int = 0, start_position: int =
                         continue  # a second image format of the same sample: the first one wins
                     current.image_ext, current.image_offset, current.image_size = ext, info.offset_data, info.size
                     if read_images:
-                        current.image = _read_member(f, info, name, key)
+                        current.image = _read_member(f, info, name, key, found)
                 elif ext == "cls":
                     if current.cls is not None:
                         raise ShardFormatError(f"{name}: sample '{key}' has two 'cls' members")
-                    current.cls = _read_member(f, info, name, key)
+                    current.cls = _read_member(f, info, name, key, found)
                 elif ext == "json" and info.size <= _MAX_JSON:
-                    current.json = _read_member(f, info, name, key)
+                    current.json = _read_member(f, info, name, key, found)
         except (tarfile.TarError, EOFError, OSError) as e:
             where = f"sample '{current.key}'" if current is not None else f"byte {start_offset}"
-            raise ShardFormatError(f"{name}: damaged tar file after {where}: {e}") from None
+            raise ShardFormatError(f"{name}: damaged tar file after {where}: {e}{found()}") from None
         # tarfile ends quietly at an invalid header after the first one; only zero blocks may follow.
-        _check_end_of_archive(f, tar.offset, name)
+        if current is not None:
+            position += 1  # the last sample is complete: its members were read
+        _check_end_of_archive(f, tar.offset, name, found)
         if current is not None:
             yield current
 
 
-def _check_end_of_archive(f, offset: int, shard: str) -> None:
+def _check_end_of_archive(f, offset: int, shard: str, found: Callable[[], str]) -> None:
     f.seek(offset)
     while chunk := f.read(1 << 16):
         if chunk.count(0) != len(chunk):
-            raise ShardFormatError(f"{shard}: damaged tar header at byte {offset}; the shard has data "
-                                   f"after it that cannot be read (re-create or re-download the shard)")
+            raise ShardFormatError(f"{shard}: damaged tar header at byte {offset}{found()}; the shard has "
+                                   f"data after it that cannot be read (re-create or re-download the shard)")
 
 
-def _read_member(f, info: tarfile.TarInfo, shard: str, key: str) -> bytes:
+def _read_member(f, info: tarfile.TarInfo, shard: str, key: str, found: Callable[[], str]) -> bytes:
     f.seek(info.offset_data)
     data = f.read(info.size)
     if len(data) != info.size:
-        raise ShardFormatError(f"{shard}: sample '{key}': file ends inside member {info.name}")
+        raise ShardFormatError(f"{shard}: sample '{key}': file ends inside member {info.name}{found()}")
     return data
 
 

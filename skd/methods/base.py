@@ -3,8 +3,9 @@
 A method is an ``nn.Module`` (timm ``task`` style) that owns the student model and any extra
 trainable modules (USKD's weak head, ICKD's embed), holds its state (PS-KD's memory) in its
 ``state_dict``, and computes the loss from a batch. The training loop only calls ``forward``,
-``start_epoch`` and ``after_step``, and wraps the whole method for DDP (a frozen teacher has no
-trainable parameters, so DDP reduces no gradients for it).
+``start_epoch`` and ``after_step`` (and, around checkpoints, ``rank_state`` and
+``load_rank_states`` for state too large to gather), and wraps the whole method for DDP (a frozen
+teacher has no trainable parameters, so DDP reduces no gradients for it).
 """
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ class Method(nn.Module):
     """Base class. Subclasses define ``Config`` and ``forward``; the rest is optional."""
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    image_keys: ClassVar[tuple[str, ...]] = ("image",)
+    """Batch entries that are image tensors ``[B, 3, H, W]`` (put in the model's memory format)."""
+    supports_mixup: ClassVar[bool] = False
+    """Whether the method trains on Mixup/CutMix batches (``skd.mixup``: mixed images, plus
+    ``target``, ``mix_lam``, ``mix_partner`` and ``mix_smoothing`` describing their soft targets).
+    With ``mixup`` on, a method without it is refused before any work starts."""
 
     def __init__(self, model: nn.Module, cfg: MethodConfig, data: DataSpec) -> None:
         super().__init__()
@@ -49,6 +56,11 @@ class Method(nn.Module):
         """Extra ``skd.data.create_loader`` arguments for the training loader, e.g.
         ``with_partner`` (CS-KD: a same-class partner image per anchor in ``batch["partner"]``)."""
         return {}
+
+    @classmethod
+    def mixup_refusal(cls, cfg: MethodConfig) -> str | None:
+        """Why this method and config cannot train on mixed batches, or None if they can."""
+        return None if cls.supports_mixup else "its official code trains without Mixup/CutMix"
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return ``{"loss": scalar, "logits": [B, C]}``, optionally ``"parts"``: a dict of
@@ -66,6 +78,19 @@ class Method(nn.Module):
     def epoch_stats(self) -> dict[str, float]:
         """Per-epoch values worth logging (e.g. PS-KD's α_t)."""
         return {}
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """This process's part of a state too large to gather (PS-KD's sharded memory), for every
+        rank to save beside the checkpoint; empty for methods without one (the usual case)."""
+        return {}
+
+    def load_rank_states(self, parts: list[dict[str, torch.Tensor]]) -> None:
+        """Restore this process's part from ``parts``: the ``rank_state()`` of every rank of the
+        saved run, in rank order, for any number of ranks then and now. Tensors may be
+        memory-mapped (``torch.load(mmap=True)``); implementations read only what they need."""
+        if any(parts):
+            raise ValueError(f"method '{self.cfg.name}' keeps no per-rank state, but the checkpoint "
+                             f"holds per-rank parts {sorted(next(p for p in parts if p))[:5]}")
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)

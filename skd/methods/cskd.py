@@ -1,4 +1,4 @@
-"""CS-KD, Class-wise Self-KD (Yun et al., CVPR 2020), parity with ``alinlab/cs-kd`` (METHODS §2).
+"""CS-KD, Class-wise Self-KD (Yun et al., CVPR 2020), parity with ``alinlab/cs-kd`` (docs/methods.md §2).
 
 Each batch carries a same-class partner image per anchor (``batch["partner"]``, drawn by the
 loader as the official ``PairBatchSampler`` does). The loss is
@@ -8,6 +8,8 @@ Parity: two separate forward passes in train mode, the anchors with gradients, t
 partners under no_grad. BatchNorm normalises each half with its own statistics and updates its
 running statistics twice per step. ``single_forward`` is the common re-implementation instead:
 one forward of the 2B images (one BN update with the statistics of both halves).
+
+Mixup/CutMix: refused (the official code has none).
 """
 from __future__ import annotations
 
@@ -17,18 +19,21 @@ from typing import Any
 import torch
 
 from skd import losses
+from skd.config_checks import bounded
 from skd.methods.base import Method, MethodConfig
 from skd.methods.registry import register_method
 
 
 @register_method("cskd")
 class CSKD(Method):
+    image_keys = ("image", "partner")
+
     @dataclass
     class Config(MethodConfig):
         name: str = "cskd"
-        temperature: float = 4.0
+        temperature: float = bounded(4.0, gt=0)
         """T of the class-wise KL (official ``--temp``)."""
-        lam: float = 1.0
+        lam: float = bounded(1.0, ge=0)
         """λ, weight of the class-wise KL (official ``--lamda``; the README uses 3 for CUB-200)."""
         single_forward: bool = False
         """Opt-in: one concatenated forward of anchors and partners instead of two passes (the

@@ -1,4 +1,4 @@
-"""ICKD, Inter-Channel Correlation KD (Liu et al., ICCV 2021), ``ADLab-AutoDrive/ICKD`` (METHODS §7).
+"""ICKD, Inter-Channel Correlation KD (Liu et al., ICCV 2021), ``ADLab-AutoDrive/ICKD`` (docs/methods.md §7).
 
 ``loss = γ·CE(s, y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + β·L_ICKD(embed(F_s), F_t)``,
 where F are the last-stage feature maps (the input of the head's pooling), the teacher's used
@@ -6,7 +6,7 @@ raw, and ``embed`` maps the student's channels to the teacher's: Conv1x1 + BN (t
 code) or Conv3x3 + BN (the ImageNet code). The embed is trained with the student and dropped at export.
 
 Defaults are the README's main variant, "ICKD-C": ``-r 1 -a 1 -b 2.5`` with KD at T = 4.
-``kd_weight: 0`` is "ICKD-C (w/o KL)".
+``kd_weight: 0`` is "ICKD-C (w/o KL)". Mixup/CutMix: refused (the official code has none).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from skd import losses
+from skd.config_checks import bounded, one_of
 from skd.features import forward_with_last_map, last_map_channels
 from skd.methods.base import DataSpec
 from skd.methods.registry import register_method
@@ -36,25 +37,19 @@ class ICKD(TeacherMethod):
     @dataclass
     class Config(TeacherConfig):
         name: str = "ickd"
-        ce_weight: float = 1.0
+        ce_weight: float = bounded(1.0, ge=0)
         """γ, weight of the hard-label cross-entropy (RepDistiller ``-r``)."""
-        kd_weight: float = 1.0
+        kd_weight: float = bounded(1.0, ge=0)
         """α, weight of the KD term (``-a``): 1 is "ICKD-C", 0 is "ICKD-C (w/o KL)"."""
-        ickd_weight: float = 2.5
+        ickd_weight: float = bounded(2.5, ge=0)
         """β, weight of the inter-channel correlation loss (``-b``; README 2.5)."""
-        temperature: float = 4.0
+        temperature: float = bounded(4.0, gt=0)
         """T of the KD term (RepDistiller ``--kd_T``)."""
-        embed_kernel: int = 1
+        embed_kernel: int = one_of(1, (1, 3))
         """Student embed kernel: 1 (Conv1x1+BN, CIFAR-100 code) or 3 (Conv3x3+BN, ImageNet code)."""
-        norm: str = "cifar"
+        norm: str = one_of("cifar", ("cifar", "imagenet"))
         """ICKD loss normaliser: ``cifar`` (÷C·B) or ``imagenet`` (÷C·B², torchdistill's
         ChSimLoss)."""
-
-        def __post_init__(self) -> None:
-            if self.embed_kernel not in (1, 3):
-                raise ValueError(f"method.embed_kernel must be 1 or 3, got {self.embed_kernel!r}")
-            if self.norm not in ("cifar", "imagenet"):
-                raise ValueError(f"method.norm must be 'cifar' or 'imagenet', got {self.norm!r}")
 
     def __init__(self, model: nn.Module, cfg: Config, data: DataSpec) -> None:
         super().__init__(model, cfg, data)

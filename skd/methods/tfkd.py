@@ -1,5 +1,5 @@
 """TF-KD, Teacher-free KD (Yuan et al., CVPR 2020), parity with
-``yuanli2333/Teacher-free-Knowledge-Distillation`` (METHODS §4).
+``yuanli2333/Teacher-free-Knowledge-Distillation`` (docs/methods.md §4).
 
 ``mode: reg`` (TF-KD_reg, the manually designed virtual teacher)::
 
@@ -11,6 +11,8 @@
 
 The ÷C is ``nn.KLDivLoss()``'s default 'mean' reduction in the official code;
 ``kl_reduction: batchmean`` is the clean opt-in.
+
+Mixup/CutMix: refused (the official code has none).
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ import torch
 from torch import nn
 
 from skd import losses
+from skd.config_checks import bounded, one_of
 from skd.methods.base import DataSpec
 from skd.methods.registry import register_method
 from skd.methods.teacher import TeacherConfig, TeacherMethod
 
-# ResNet-18 values of the official experiments/*/params.json (METHODS §4.1, §4.2).
+# ResNet-18 values of the official experiments/*/params.json (docs/methods.md §4.1, §4.2).
 _DEFAULT_MULTIPLIER = {"reg": 100.0, "self": 50.0}
 
 
@@ -33,30 +36,23 @@ class TFKD(TeacherMethod):
     @dataclass
     class Config(TeacherConfig):
         name: str = "tfkd"
-        mode: str = "reg"
+        mode: str = one_of("reg", ("reg", "self"))
         """``reg``: virtual teacher (TF-KD_reg); ``self``: pre-trained teacher (TF-KD_self)."""
-        reg_temperature: float = 20.0
+        reg_temperature: float = bounded(20.0, gt=0)
         """T of the virtual teacher softmax (reg; ResNet-18 ``params.json``)."""
-        reg_alpha: float = 0.1
+        reg_alpha: float = bounded(0.1, ge=0, le=1)
         """α of the reg loss (ResNet-18 ``params.json``)."""
-        correct_prob: float = 0.99
+        correct_prob: float = bounded(0.99, ge=0, le=1)
         """Virtual-teacher probability of the label (hard-coded ``a`` in the official code)."""
-        temperature: float = 6.0
+        temperature: float = bounded(6.0, gt=0)
         """T of teacher and student softmaxes (self; ResNet-18 ``params.json``)."""
-        alpha: float = 0.95
+        alpha: float = bounded(0.95, ge=0, le=1)
         """α of the self loss (ResNet-18 ``params.json``)."""
-        multiplier: float | None = None
+        multiplier: float | None = bounded(None, ge=0)
         """m, the KL multiplier (``params.multiplier``); empty means the ResNet-18 value of the
         mode: 100 (reg) or 50 (self)."""
-        kl_reduction: str = "mean"
+        kl_reduction: str = one_of("mean", ("mean", "batchmean"))
         """``mean``: ÷N·C as ``nn.KLDivLoss()`` in the official code; ``batchmean``: ÷N."""
-
-        def __post_init__(self) -> None:
-            if self.mode not in ("reg", "self"):
-                raise ValueError(f"method.mode must be 'reg' or 'self', got {self.mode!r}")
-            if self.kl_reduction not in ("mean", "batchmean"):
-                raise ValueError(f"method.kl_reduction must be 'mean' or 'batchmean', "
-                                 f"got {self.kl_reduction!r}")
 
     def __init__(self, model: nn.Module, cfg: Config, data: DataSpec) -> None:
         super().__init__(model, cfg, data)

@@ -1,0 +1,127 @@
+"""Where a run starts: its run directory and the checkpoint it resumes, checked before anything
+is written.
+
+- A new run (no ``resume``) into a directory that already holds checkpoints is refused: pruning
+  and ``resume=auto`` would otherwise mix two experiments.
+- ``resume=auto`` takes the newest checkpoint that loads; a damaged newer one is reported and
+  skipped.
+- The resumed checkpoint's config is compared with the new one: any difference in what defines
+  the experiment (model, method, data, seed, schedule, ...) stops the resume with every
+  difference listed, unless ``resume_allow_changes`` names it. The number of processes, loader
+  workers and the shuffle window may change: the loader continues the epoch from the position
+  it reached (``skd.data.epoch_plan``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from skd.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
+from skd.config import ConfigError, TrainConfig, config_to_dict
+
+__all__ = ["check_output_dir", "select_checkpoint", "check_resume_config", "OPERATIONAL_KEYS"]
+
+_log = logging.getLogger("skd.resume")
+
+OPERATIONAL_KEYS = ("output_dir", "resume", "resume_allow_changes", "log_every", "log_with",
+                    "checkpoint_every", "keep_checkpoints", "data.eval_batch_size", "data.num_workers",
+                    "data.shuffle_buffer", "save_probs", "reference")
+"""Config keys that never have to match the checkpoint: where and how often a run reports, and
+how the loader reads (a mid-epoch change of the shuffle window applies from the next epoch)."""
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_ABSENT = _Absent()
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """Refuse a run directory that cannot be created or written (``ConfigError`` naming it)."""
+    existing = run_dir
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != run_dir and not existing.is_dir():
+        raise ConfigError(f"output_dir {run_dir}: {existing} is a file, not a directory")
+    if existing == run_dir and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {run_dir}: {existing} is not writable")
+    checkpoints = run_dir / CHECKPOINT_DIR
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise ConfigError(f"output_dir {run_dir}: {checkpoints} is a file, not a directory")
+
+
+def select_checkpoint(run_dir: Path, resume: str) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume and its loaded state; ``(None, None)`` for a fresh start.
+
+    ``resume`` empty: a fresh run, refused if ``run_dir`` already holds checkpoints. ``auto``:
+    the newest checkpoint in ``run_dir`` that loads (damaged newer ones are warned about and
+    skipped); none at all is a fresh start. Otherwise a checkpoint path, which must load.
+    """
+    found = list_checkpoints(run_dir)
+    if not resume:
+        if found:
+            raise ConfigError(f"output_dir {run_dir} already holds checkpoints of a run ({found[-1].name}, "
+                              f"...); continue it with resume=auto, or choose another output_dir")
+        return None, None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"config key 'resume' = {resume!r}: no such checkpoint file")
+        try:
+            return path, load_checkpoint(path)
+        except Exception as e:  # noqa: BLE001  a damaged file raises zip, pickle or EOF errors
+            raise ConfigError(f"config key 'resume' = {resume!r}: the checkpoint does not load "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as e:  # noqa: BLE001
+            _log.warning("resume=auto: checkpoint %s is damaged (%s: %s); trying the one before it",
+                         path, type(e).__name__, _first_line(e))
+    if found:
+        raise ConfigError(f"resume=auto: none of the {len(found)} checkpoints in {run_dir / CHECKPOINT_DIR} loads")
+    return None, None
+
+
+def check_resume_config(state: dict[str, Any], cfg: TrainConfig) -> None:
+    """Stop (``ConfigError``) if ``cfg`` differs from the checkpoint's config in a way the resume
+    cannot honour; the message lists every difference."""
+    old, new = _flat(state["config"]), _flat(config_to_dict(cfg))
+    allowed = tuple(cfg.resume_allow_changes)
+    # A key missing on one side is a difference inside `method` (another method's fields); elsewhere
+    # it is a config key this version added or dropped since the checkpoint was written.
+    keys = sorted((old.keys() & new.keys()) | {k for k in old.keys() ^ new.keys() if k.startswith("method.")})
+    changed = [key for key in keys if old.get(key, _ABSENT) != new.get(key, _ABSENT)
+               and not _matches(key, OPERATIONAL_KEYS + allowed)]
+    if changed:
+        lines = "; ".join(f"{k}: {old.get(k, _ABSENT)!r} -> {new.get(k, _ABSENT)!r}" for k in changed)
+        raise ConfigError(f"resume: the config differs from the checkpoint's in {lines}. Resume with the "
+                          f"checkpoint's values, or list the keys you mean to change in "
+                          f"resume_allow_changes (e.g. resume_allow_changes=[{changed[0]}])")
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    """``key`` is one of ``patterns`` or lies inside a section named by one."""
+    return any(key == p or key.startswith(p + ".") for p in patterns)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key not in ("kwargs", "teacher_kwargs"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
