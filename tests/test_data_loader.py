@@ -3,6 +3,7 @@ import io
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from skd.data import (PartnerSampler, SampleIndex, ShardFormatError, ShardSetWriter,
-                      create_loader, plan_epoch)
+from skd.data import PartnerSampler, SampleIndex, ShardFormatError, create_loader, index_shards, plan_epoch
 from skd.data.shard_cmd import main as shard_main
 
 SIZE = 16
@@ -37,18 +37,26 @@ def _png(img8):
 
 
 def write_shards(directory, counts, corrupt=(), num_classes=10):
-    """Shards with the given sample counts; digit i has label i % 10; ids in ``corrupt`` get junk."""
+    """Tar shards with the given sample counts, indexed as shards made elsewhere are (`skd shard
+    --index-only`); digit i has label i % 10; ids in ``corrupt`` get junk instead of a PNG."""
+    import tarfile
+
     from sklearn.datasets import load_digits
     d = load_digits()
-    writer = ShardSetWriter(directory, [str(c) for c in range(num_classes)], prefix="train")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     sid = 0
-    for count in counts:
-        for _ in range(count):
-            i = int(np.flatnonzero(d.target == sid % 10)[sid // 10])
-            writer.add(b"\x89PNG\r\n\x1a\n junk" if sid in corrupt else _png(d.images[i]), "png", sid % 10)
-            sid += 1
-        writer.next_shard()
-    writer.close()
+    for k, count in enumerate(counts):
+        with tarfile.open(directory / f"train-{k:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for _ in range(count):
+                i = int(np.flatnonzero(d.target == sid % 10)[sid // 10])
+                image = b"\x89PNG\r\n\x1a\n junk" if sid in corrupt else _png(d.images[i])
+                for name, data in ((f"{sid:09d}.cls", str(sid % 10).encode()), (f"{sid:09d}.png", image)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                sid += 1
+    index_shards(directory, progress=False, class_names=[str(c) for c in range(num_classes)])
     return directory
 
 
@@ -96,7 +104,9 @@ def test_round_trip_every_id_once(folder_shards):
         assert b["label"].dtype == torch.int64 and b["index"].dtype == torch.int64
         for image, label in zip(b["image"], b["label"].tolist()):  # its folder digit_k is class k
             assert label in folder_labels[image.numpy().tobytes()]
-    assert loader.num_corrupt == 0 and loader.state_dict() == {"epoch": 0, "batches": 8}
+    assert loader.num_corrupt == 0
+    assert loader.state_dict() == {"epoch": 0, "batches": 8, "start": 0, "world_size": 1, "batch_size": 8,
+                                   "window": 16}
 
 
 def test_eval_single_rank_in_order_without_workers(folder_shards):
@@ -110,20 +120,11 @@ def test_plan_exact_counts_any_shard_count():
         counts = rng.integers(0, 30, size=rng.integers(1, 7)).tolist()
         counts[0] += 1
         n = sum(counts)
-        world, workers, bs = int(rng.integers(1, 6)), int(rng.integers(0, 4)), int(rng.integers(1, 9))
+        world, bs, window = int(rng.integers(1, 6)), int(rng.integers(1, 9)), int(rng.integers(0, 20))
         for train, drop_last in ((True, False), (True, True), (False, False)):
-            plans = [plan_epoch(counts, epoch=3, seed=1, rank=r, world_size=world, batch_size=bs,
-                                num_workers=workers, train=train, drop_last=drop_last) for r in range(world)]
-            covered = []
-            for p in plans:
-                assert sum(p.batch_sizes) == p.num_samples
-                for w in p.workers:
-                    assert w.batches == list(range(w.worker, p.num_batches, max(1, workers)))
-                    assert sum(s.count for s in w.segments) == sum(w.batch_sizes)
-                    for s in w.segments:
-                        assert 0 <= s.start and s.start + s.count <= counts[s.shard]
-                        base = sum(counts[:s.shard])
-                        covered += range(base + s.start, base + s.start + s.count)
+            plans = [plan_epoch(counts, epoch=3, seed=1, rank=r, world_size=world, batch_size=bs, train=train,
+                                drop_last=drop_last, window=window) for r in range(world)]
+            covered = [int(i) for p in plans for j in range(p.num_batches) for i in p.sample_ids(j)]
             if train:
                 assert len({p.num_batches for p in plans}) == 1  # every rank the same batch count
             if train and not drop_last:
@@ -199,7 +200,7 @@ def test_resume_mid_epoch_gives_the_remaining_batches(unequal, workers, k):
         if n == k:
             break
     state = first.state_dict()
-    assert state == {"epoch": 4, "batches": k}
+    assert state == {"epoch": 4, "batches": k, "start": 0, "world_size": 2, "batch_size": 6, "window": 8}
     again = create_loader(unequal, **kwargs)
     again.load_state_dict(state)
     again.set_epoch(4)  # what the trainer does: the same epoch keeps the position
@@ -208,10 +209,36 @@ def test_resume_mid_epoch_gives_the_remaining_batches(unequal, workers, k):
     assert len(rest) == len(expected) - k
     for x, y in zip(rest, expected[k:]):
         assert torch.equal(x["index"], y["index"]) and torch.equal(x["image"], y["image"])
-    assert again.state_dict() == {"epoch": 4, "batches": len(expected)}
+    assert again.state_dict() == {**state, "batches": len(expected)}
     assert ids_of(collect(again)) == ids_of(expected)  # the next iter() starts the epoch over
     again.set_epoch(5)
-    assert again.state_dict() == {"epoch": 5, "batches": 0}
+    assert again.state_dict() == {**state, "epoch": 5, "batches": 0}
+
+
+@pytest.mark.parametrize("before, after", [((2, 6, 2), (1, 6, 0)), ((1, 4, 0), (3, 4, 2)), ((2, 10, 2), (2, 5, 1))])
+def test_resume_with_other_processes_workers_or_batch_reads_every_sample_once(unequal, before, after):
+    """(world, batch, workers) change mid-epoch: the union over the ranks of both parts of the
+    epoch is every sample once, plus fewer than the new world size of wrap-around repeats."""
+    def loaders(world, batch, workers):
+        return [create_loader(unequal, train=True, batch_size=batch, transform=to_tensor, seed=7, rank=r,
+                              world_size=world, num_workers=workers, shuffle_buffer=8, drop_last=False)
+                for r in range(world)]
+
+    first, seen = loaders(*before), []
+    for loader in first:
+        loader.set_epoch(2)
+        for n, batch in enumerate(loader, 1):
+            seen += batch["index"].tolist()
+            if n == 2:
+                break
+    state = first[0].state_dict()
+    assert state["batches"] == 2 and all(loader.state_dict() == state for loader in first)
+    for loader in loaders(*after):
+        loader.load_state_dict(state)
+        loader.set_epoch(2)
+        seen += ids_of(collect(loader))
+    counts = np.bincount(seen, minlength=60)
+    assert counts.min() == 1 and counts.sum() - 60 < after[0]
 
 
 def test_in_process_loading_leaves_global_rngs_alone(unequal):
@@ -230,7 +257,7 @@ def test_corrupt_sample_in_shard_skipped_and_counted(tmp_path, caplog):
     assert [len(b["index"]) for b in batches] == [5, 5, 4, 5]
     assert ids_of(batches) == [i for i in range(20) if i != 13]
     assert loader.num_corrupt == 1
-    assert "train-000001.tar" in caplog.text and "'000000013'" in caplog.text
+    assert "train-000001.tar: sample 3 (id 13)" in caplog.text
     workers = create_loader(shards, train=True, batch_size=5, transform=to_tensor, num_workers=2)
     assert len(ids_of(collect(workers))) == 19 and workers.num_corrupt == 1
 
@@ -242,14 +269,24 @@ def test_missing_shard_is_named_before_training(tmp_path):
         create_loader(shards, train=True, batch_size=4, transform=to_tensor)
 
 
-def test_label_out_of_range_names_shard_and_key(tmp_path):
+def test_truncated_shard_is_named_with_its_complete_samples_before_reading(tmp_path):
+    import os
+    shards = write_shards(tmp_path, [10, 10])
+    size = (shards / "train-000001.tar").stat().st_size
+    os.truncate(shards / "train-000001.tar", size // 2)
+    with pytest.raises(ShardFormatError, match=r"train-000001\.tar: the file is truncated \(\d+ bytes\): "
+                                               r"[1-9] of its 10 samples are complete"):
+        create_loader(shards, train=True, batch_size=4, transform=to_tensor)
+
+
+def test_label_out_of_range_is_named_before_reading(tmp_path):
     shards = write_shards(tmp_path, [6, 6])
     meta = json.loads((shards / "dataset.json").read_text())
     meta["num_classes"], meta["class_names"] = 8, meta["class_names"][:8]
     (shards / "dataset.json").write_text(json.dumps(meta))
-    loader = create_loader(shards, train=False, batch_size=4, transform=to_tensor, num_workers=0)
-    with pytest.raises(ShardFormatError, match=r"train-000001\.tar: sample '000000008' has label 8"):
-        collect(loader)
+    with pytest.raises(ShardFormatError, match=r"train-000001\.tar: sample 2 \(id 8\) has label 8, outside "
+                                               r"\[0, num_classes=8\) of dataset.json \(2 such samples\)"):
+        create_loader(shards, train=False, batch_size=4, transform=to_tensor, num_workers=0)
 
 
 def test_foreign_shards_load_after_index_only(tmp_path):
@@ -335,13 +372,10 @@ def test_loader_with_partner(unequal):
         assert not (b["partner_index"] == b["index"]).any()
 
 
-def test_without_samples_npz_same_batches_by_scanning(unequal, tmp_path):
+def test_missing_samples_npz_is_named_before_reading(unequal, tmp_path):
     import shutil
     bare = tmp_path / "bare"
     shutil.copytree(unequal, bare)
     (bare / "samples.npz").unlink()
-    kwargs = dict(train=True, batch_size=8, transform=to_tensor, seed=11, num_workers=0, world_size=2, rank=1)
-    seek, scan = collect(create_loader(unequal, **kwargs)), collect(create_loader(bare, **kwargs))
-    assert ids_of(seek) == ids_of(scan) and all(torch.equal(a["image"], b["image"]) for a, b in zip(seek, scan))
-    with pytest.raises(FileNotFoundError, match="with_partner needs samples.npz"):
-        create_loader(bare, with_partner=True, **kwargs)
+    with pytest.raises(FileNotFoundError, match=r"samples.npz is missing .*skd shard --index-only"):
+        create_loader(bare, train=True, batch_size=8, transform=to_tensor)

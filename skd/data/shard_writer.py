@@ -1,4 +1,8 @@
-"""Write WebDataset tar shards, ``dataset.json`` and ``samples.npz`` from an image folder.
+"""Write WebDataset tar shards, ``dataset.json`` and ``samples.npz`` from listed images.
+
+A source lists each split as a ``SplitListing``: class names and ``(image, label)`` items, where an
+image is a file or a ``RawImage`` held in memory (records of an archive such as CIFAR's).
+``list_image_folder_splits`` lists an ImageFolder; ``write_splits`` writes any listing.
 
 Shards are ``{prefix}-%06d.tar``; each sample is ``{id:09d}.cls`` (ASCII class index) followed by
 ``{id:09d}.jpg|png|webp``; ``id`` is the global sample id. Tar headers are fixed (mtime 0,
@@ -42,6 +46,36 @@ class ImageFolderError(ValueError):
 
 class SkippedImage(Exception):
     """An image file that cannot be used (empty or undecodable)."""
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """An 8-bit RGB image held in memory, written as a lossless PNG (unless re-encoding options
+    say otherwise)."""
+    name: str
+    """Where it comes from, for messages (e.g. ``cifar-10-binary.tar.gz:test_batch.bin[17]``)."""
+    pixels: np.ndarray
+    """uint8 ``[H, W, 3]``."""
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ImageSource = Path | RawImage
+"""An image to write: a file, or pixels in memory."""
+
+
+@dataclass
+class SplitListing:
+    """One split of a dataset source, in its canonical (sorted / archive) order."""
+    split: str
+    """``""`` for a dataset without splits (written to ``OUT_DIR`` itself), else the split name
+    (written to ``OUT_DIR/split`` with shard prefix ``split``)."""
+    class_names: list[str]
+    items: list[tuple[ImageSource, int]]
+    """(image, class index) of every sample."""
+    ignored: int = 0
+    """Files of the source that are not images, ignored."""
 
 
 # ------------------------------------------------------------------------------ writing shards
@@ -89,10 +123,6 @@ class ShardSetWriter:
         self._count += 1
         self.num_samples += 1
         return sample_id
-
-    def next_shard(self) -> None:
-        """End the current shard; the next sample starts a new one (shards of chosen sizes)."""
-        self._close_shard()
 
     def _add_member(self, name: str, data: bytes) -> int:
         info = tarfile.TarInfo(name)
@@ -202,6 +232,29 @@ def find_splits(root: str | Path) -> list[str] | None:
     return [s for s in SPLITS if any(p.name == s for p in splits)]
 
 
+def list_image_folder_splits(image_folder: str | Path) -> list[SplitListing]:
+    """``IMAGE_FOLDER/CLASS/*`` as one split ``""``, or ``IMAGE_FOLDER/{train,val,test}/CLASS/*``
+    as one listing per split; every split must have the same class folders."""
+    image_folder = Path(image_folder)
+    if not image_folder.is_dir():
+        raise ImageFolderError(f"{image_folder}: not a directory")
+    splits = find_splits(image_folder)
+    if splits is None:
+        names, items, ignored = list_image_folder(image_folder)
+        return [SplitListing("", names, items, ignored)]
+    listed: list[SplitListing] = []
+    for split in splits:
+        names, items, ignored = list_image_folder(image_folder / split)
+        if listed and names != listed[0].class_names:
+            a, b = set(listed[0].class_names), set(names)
+            raise ImageFolderError(
+                f"the class folders of {image_folder / split} differ from those of "
+                f"{image_folder / splits[0]}: only in {splits[0]}: {sorted(a - b)[:10]}, only in "
+                f"{split}: {sorted(b - a)[:10]}; every split needs the same class folders")
+        listed.append(SplitListing(split, names, items, ignored))
+    return listed
+
+
 # ---------------------------------------------------------------------------- encoding
 def encode_image(data: bytes, max_side: int | None = None, quality: int | None = None) -> tuple[bytes, str]:
     """``(bytes, extension)`` to store for one image file; raises ``SkippedImage`` if unusable.
@@ -217,38 +270,58 @@ def encode_image(data: bytes, max_side: int | None = None, quality: int | None =
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            fmt = img.format
             resize = max_side is not None and max(img.size) > max_side
-            if quality is None and not resize and fmt in _PIL_FORMATS:
-                return data, _PIL_FORMATS[fmt]
-            out = img
-            if resize:
-                scale = max_side / max(img.size)
-                size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-                if out.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F"):
-                    out = out.convert("RGBA" if "A" in out.getbands() or "transparency" in out.info else "RGB")
-                out = out.resize(size, Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            if quality is not None or fmt == "JPEG":
-                if out.mode not in ("L", "RGB"):
-                    out = out.convert("RGB")
-                out.save(buf, format="JPEG", quality=quality or RESIZE_JPEG_QUALITY)
-                return buf.getvalue(), "jpg"
-            if out.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "P"):
-                out = out.convert("RGBA" if "A" in out.getbands() else "RGB")
-            out.save(buf, format="PNG")
-            return buf.getvalue(), "png"
+            if quality is None and not resize and img.format in _PIL_FORMATS:
+                return data, _PIL_FORMATS[img.format]
+            return _reencode(img, img.format == "JPEG", max_side, quality)
     except SkippedImage:
         raise
     except Exception as e:  # PIL raises many types for bad input
         raise SkippedImage(f"cannot decode: {type(e).__name__}: {e}") from None
 
 
-def _prepare(job: tuple[str, int | None, int | None]) -> tuple[bytes, str] | str:
+def encode_pixels(image: RawImage, max_side: int | None = None,
+                  quality: int | None = None) -> tuple[bytes, str]:
+    """``(bytes, extension)`` of an in-memory image: PNG (lossless), or as ``encode_image``
+    re-encodes with ``max_side`` / ``quality``."""
+    from PIL import Image
+    return _reencode(Image.fromarray(image.pixels, "RGB"), False, max_side, quality)
+
+
+def _reencode(img, jpeg: bool, max_side: int | None, quality: int | None) -> tuple[bytes, str]:
+    """Shrink ``img`` to ``max_side`` if larger; JPEG if ``quality`` is given or the input was a
+    JPEG (``jpeg``), else PNG."""
+    from PIL import Image
+    out = img
+    if max_side is not None and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        if out.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F"):
+            out = out.convert("RGBA" if "A" in out.getbands() or "transparency" in out.info else "RGB")
+        out = out.resize(size, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    if quality is not None or jpeg:
+        if out.mode not in ("L", "RGB"):
+            out = out.convert("RGB")
+        out.save(buf, format="JPEG", quality=quality or RESIZE_JPEG_QUALITY)
+        return buf.getvalue(), "jpg"
+    if out.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "P"):
+        out = out.convert("RGBA" if "A" in out.getbands() else "RGB")
+    out.save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+_Job = tuple[str | RawImage, int | None, int | None]
+"""(file path or in-memory image, max_side, quality)."""
+
+
+def _prepare(job: _Job) -> tuple[bytes, str] | str:
     """Encoded image and extension, or the reason the file is skipped."""
-    path, max_side, quality = job
+    source, max_side, quality = job
+    if isinstance(source, RawImage):
+        return encode_pixels(source, max_side, quality)
     try:
-        with open(path, "rb") as f:
+        with open(source, "rb") as f:
             data = f.read()
         return encode_image(data, max_side, quality)
     except SkippedImage as e:
@@ -257,7 +330,7 @@ def _prepare(job: tuple[str, int | None, int | None]) -> tuple[bytes, str] | str
         return f"cannot read: {e}"
 
 
-def _prepare_chunk(jobs: list[tuple[str, int | None, int | None]]) -> list[tuple[bytes, str] | str]:
+def _prepare_chunk(jobs: list[_Job]) -> list[tuple[bytes, str] | str]:
     return [_prepare(job) for job in jobs]
 
 
@@ -293,16 +366,16 @@ class ShardReport:
     """``*.tar`` files in an output directory that ``dataset.json`` does not list (an earlier run's)."""
 
 
-def write_split(items: list[tuple[Path, int]], class_names: list[str], out_dir: str | Path, *,
+def write_split(items: list[tuple[ImageSource, int]], class_names: list[str], out_dir: str | Path, *,
                 prefix: str = "data", max_per_shard: int = DEFAULT_MAX_PER_SHARD,
                 max_side: int | None = None, quality: int | None = None, workers: int = 1,
                 progress: bool = True, desc: str = "shard") -> tuple[DatasetInfo, list[tuple[str, str]]]:
-    """Encode ``items`` (file, label) with ``workers`` processes, in order, into one shard set."""
+    """Encode ``items`` (image, label) with ``workers`` processes, in order, into one shard set."""
     from tqdm import tqdm
     key_width = max(9, len(str(len(items))))
     writer = ShardSetWriter(out_dir, class_names, prefix=prefix, max_per_shard=max_per_shard,
                             key_width=key_width)
-    jobs = [(str(p), max_side, quality) for p, _ in items]
+    jobs = [(p if isinstance(p, RawImage) else str(p), max_side, quality) for p, _ in items]
     skipped: list[tuple[str, str]] = []
     bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     pool = multiprocessing.Pool(workers) if workers > 1 else None
@@ -329,49 +402,44 @@ def write_split(items: list[tuple[Path, int]], class_names: list[str], out_dir: 
     return writer.close(), skipped
 
 
-def shard_image_folder(image_folder: str | Path, out_dir: str | Path, *,
-                       max_per_shard: int = DEFAULT_MAX_PER_SHARD, max_side: int | None = None,
-                       quality: int | None = None, workers: int = 1, progress: bool = True,
-                       shuffle_seed: int | None = 0) -> ShardReport:
-    """``skd shard IMAGE_FOLDER OUT_DIR``: one shard set, or one per split (``OUT_DIR/train`` …).
+def write_splits(listings: list[SplitListing], out_dir: str | Path, *,
+                 max_per_shard: int = DEFAULT_MAX_PER_SHARD, max_side: int | None = None,
+                 quality: int | None = None, workers: int = 1, progress: bool = True,
+                 shuffle_seed: int | None = 0, name: str = "data") -> ShardReport:
+    """Write every listed split: ``OUT_DIR`` itself for split ``""``, else ``OUT_DIR/split``.
 
-    Samples are written in a permutation of the sorted folder order seeded by ``shuffle_seed``
-    (``None``: sorted order). A streaming loader only shuffles shards and a bounded buffer, so
-    class-sorted shards would give batches of a few classes.
+    Samples are written in a permutation of the listed order seeded by ``shuffle_seed``
+    (``None``: listed order). A streaming loader only shuffles shards and a bounded buffer, so
+    class-sorted shards would give batches of a few classes. ``name`` labels the progress bar of
+    a split-less listing.
     """
-    image_folder, out_dir = Path(image_folder), Path(out_dir)
-    if not image_folder.is_dir():
-        raise ImageFolderError(f"{image_folder}: not a directory")
+    out_dir = Path(out_dir)
     if quality is not None and not 1 <= quality <= 100:
         raise ValueError(f"--quality must be in 1..100, got {quality}")
     if max_side is not None and max_side < 1:
         raise ValueError(f"--max-side must be >= 1, got {max_side}")
-    splits = find_splits(image_folder)
-    listed: list[tuple[str, Path, list[str], list[tuple[Path, int]]]] = []
     report = ShardReport()
-    if splits is None:
-        names, items, ignored = list_image_folder(image_folder)
-        listed.append(("", out_dir, names, items))
-        report.ignored += ignored
-    else:
-        for split in splits:
-            names, items, ignored = list_image_folder(image_folder / split)
-            if listed and names != listed[0][2]:
-                a, b = set(listed[0][2]), set(names)
-                raise ImageFolderError(
-                    f"the class folders of {image_folder / split} differ from those of "
-                    f"{image_folder / splits[0]}: only in {splits[0]}: {sorted(a - b)[:10]}, only in "
-                    f"{split}: {sorted(b - a)[:10]}; every split needs the same class folders")
-            listed.append((split, out_dir / split, names, items))
-            report.ignored += ignored
-    for split, dest, names, items in listed:
+    for listing in listings:
+        items = list(listing.items)
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(items)
-        info, skipped = write_split(items, names, dest, prefix=split or "data", max_per_shard=max_per_shard,
-                                    max_side=max_side, quality=quality, workers=workers,
-                                    progress=progress, desc=split or image_folder.name)
-        report.splits[split] = info
+        dest = out_dir / listing.split if listing.split else out_dir
+        info, skipped = write_split(items, listing.class_names, dest, prefix=listing.split or "data",
+                                    max_per_shard=max_per_shard, max_side=max_side, quality=quality,
+                                    workers=workers, progress=progress, desc=listing.split or name)
+        report.splits[listing.split] = info
         report.skipped.extend(skipped)
+        report.ignored += listing.ignored
         listed_names = {sh.name for sh in info.shards}
         report.stale += sorted(str(p) for p in dest.glob("*.tar") if p.name not in listed_names)
     return report
+
+
+def shard_image_folder(image_folder: str | Path, out_dir: str | Path, *,
+                       max_per_shard: int = DEFAULT_MAX_PER_SHARD, max_side: int | None = None,
+                       quality: int | None = None, workers: int = 1, progress: bool = True,
+                       shuffle_seed: int | None = 0) -> ShardReport:
+    """``skd shard IMAGE_FOLDER OUT_DIR``: one shard set, or one per split (``OUT_DIR/train`` …)."""
+    return write_splits(list_image_folder_splits(image_folder), out_dir, max_per_shard=max_per_shard,
+                        max_side=max_side, quality=quality, workers=workers, progress=progress,
+                        shuffle_seed=shuffle_seed, name=Path(image_folder).name)
