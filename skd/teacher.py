@@ -10,6 +10,9 @@ checkpoint may be
 - a dict holding one under ``state_dict``, ``model`` (RepDistiller / ICKD teachers), ``net``
   (CS-KD / PS-KD) or ``module``; a DDP ``module.`` prefix is stripped.
 
+With ``checkpoint_format="mmcls"`` the state dict has mmcls / mmpretrain names (``backbone.*``,
+``head.*``; NKD's official teachers) and is renamed to timm's by ``skd.convert.mmcls_to_timm``.
+
 The teacher is returned in eval mode with ``requires_grad=False`` on every parameter.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 import skd.models  # noqa: F401  registers the CIFAR architectures with timm
+from skd.convert import CHECKPOINT_FORMATS, mmcls_to_timm
 
 __all__ = ["load_teacher", "load_state_dict_file"]
 
@@ -66,14 +70,19 @@ def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_teacher(name: str, checkpoint: str | Path, num_classes: int,
-                 **kwargs: Any) -> nn.Module:
-    """Build the timm model ``name`` with ``num_classes`` outputs, load ``checkpoint`` strictly,
-    and freeze it (eval mode, no gradients)."""
+def load_teacher(name: str, checkpoint: str | Path, num_classes: int, *,
+                 checkpoint_format: str = "timm", **kwargs: Any) -> nn.Module:
+    """Build the timm model ``name`` with ``num_classes`` outputs, load ``checkpoint`` (names in
+    ``checkpoint_format``: ``timm`` or ``mmcls``) strictly, and freeze it (eval mode, no gradients)."""
     if not timm.is_model(name):
         raise ValueError(f"teacher {name!r} is not a timm model (see timm.list_models())")
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"teacher checkpoint format {checkpoint_format!r} is not one of "
+                         f"{CHECKPOINT_FORMATS}")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     state = load_state_dict_file(checkpoint)
+    if checkpoint_format == "mmcls":
+        state = mmcls_to_timm(state, model, source=str(checkpoint))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

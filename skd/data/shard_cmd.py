@@ -1,21 +1,32 @@
-"""``skd shard``: image folder → WebDataset shards, or index shards made elsewhere."""
+"""``skd shard``: image folder, CIFAR binary archive or TinyImageNet → WebDataset shards, or
+index shards made elsewhere."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from skd.data.shard_writer import DEFAULT_MAX_PER_SHARD, ImageFolderError, shard_image_folder
+from skd.data.cifar_archive import is_cifar_binary_folder, list_cifar_binary
+from skd.data.shard_writer import (DEFAULT_MAX_PER_SHARD, ImageFolderError, SplitListing,
+                                   list_image_folder_splits, write_splits)
+from skd.data.tinyimagenet import is_tinyimagenet, list_tinyimagenet
 
 EPILOG = """\
-layouts:
+inputs:
   IMAGE_FOLDER/CLASS/*.jpg                       -> OUT_DIR/data-000000.tar ...
   IMAGE_FOLDER/{train,val,test}/CLASS/*.jpg      -> OUT_DIR/train/train-000000.tar ...
-Class index = position of the class folder in sorted order. Each output directory gets
-dataset.json (counts, class names, shards) and samples.npz (labels and byte offsets).
+  cifar-10-binary.tar.gz, cifar-100-binary.tar.gz (or the extracted folder)
+                                                 -> OUT_DIR/{train,test}/ (PNG images)
+  tiny-imagenet-200/ (wnids.txt, train/, val/val_annotations.txt)
+                                                 -> OUT_DIR/{train,val}/
+Class index = position of the class folder (wnid) in sorted order; CIFAR's label bytes (fine
+labels for CIFAR-100). Each output directory gets dataset.json (counts, class names, shards) and
+samples.npz (labels and byte offsets).
 
 examples:
   skd shard ~/data/CUB_200_2011/split /data/cub --max-side 320 --quality 90 --workers 8
+  skd shard cifar-100-binary.tar.gz /data/cifar100
   skd shard --index-only /data/imagenet-wds/train
 """
 
@@ -23,10 +34,12 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="skd shard", description="Write WebDataset tar shards + dataset.json from a folder of "
-        "class subfolders, or (--index-only) index shards made elsewhere.", epilog=EPILOG,
+        "class subfolders, a CIFAR-10/100 binary archive or TinyImageNet's folder, or (--index-only) "
+        "index shards made elsewhere.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image_folder", nargs="?", metavar="IMAGE_FOLDER",
-                   help="folder of class subfolders, or of train/val/test folders of class subfolders")
+    p.add_argument("input", nargs="?", metavar="INPUT",
+                   help="folder of class subfolders (or of train/val/test folders of them), a CIFAR "
+                   "binary archive, or TinyImageNet's folder")
     p.add_argument("out_dir", nargs="?", metavar="OUT_DIR", help="where the shards are written")
     p.add_argument("--index-only", metavar="SHARD_DIR",
                    help="write dataset.json and samples.npz for the *.tar shards in SHARD_DIR "
@@ -42,10 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the shuffle that mixes classes across shards (default 0)")
     p.add_argument("--keep-order", action="store_true",
-                   help="write samples in sorted class/file order instead (class-sorted shards; "
-                   "the streaming loader then sees few classes per batch)")
+                   help="write samples in sorted class/file order (CIFAR: archive order) instead "
+                   "(class-sorted shards; the streaming loader then sees few classes per batch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def list_input(path: str | Path) -> tuple[str, list[SplitListing]]:
+    """What ``INPUT`` is (for the report) and its splits: a file is a CIFAR binary archive; a
+    folder is an extracted CIFAR archive, TinyImageNet, or else an ImageFolder."""
+    path = Path(path)
+    if path.is_file() or is_cifar_binary_folder(path):
+        listings = list_cifar_binary(path)
+        return f"CIFAR-{len(listings[0].class_names)} binary archive", listings
+    if is_tinyimagenet(path):
+        return "TinyImageNet folder", list_tinyimagenet(path)
+    return "image folder", list_image_folder_splits(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,18 +83,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-per-shard must be >= 1")
     try:
         if args.index_only is not None:
-            if args.image_folder or args.out_dir:
-                parser.error("--index-only SHARD_DIR takes no IMAGE_FOLDER / OUT_DIR")
+            if args.input or args.out_dir:
+                parser.error("--index-only SHARD_DIR takes no INPUT / OUT_DIR")
             from skd.data.sample_index import index_shards
             info = index_shards(args.index_only, workers=args.workers, progress=progress)
             print(f"indexed {info.num_samples} samples, {info.num_classes} classes in "
                   f"{len(info.shards)} shards: {args.index_only}/dataset.json")
             return 0
-        if not args.image_folder or not args.out_dir:
-            parser.error("give IMAGE_FOLDER and OUT_DIR, or --index-only SHARD_DIR")
-        report = shard_image_folder(args.image_folder, args.out_dir, max_per_shard=args.max_per_shard,
-                                    max_side=args.max_side, quality=args.quality, workers=args.workers,
-                                    progress=progress, shuffle_seed=None if args.keep_order else args.seed)
+        if not args.input or not args.out_dir:
+            parser.error("give INPUT and OUT_DIR, or --index-only SHARD_DIR")
+        kind, listings = list_input(args.input)
+        print(f"{args.input}: {kind}")
+        report = write_splits(listings, args.out_dir, max_per_shard=args.max_per_shard,
+                              max_side=args.max_side, quality=args.quality, workers=args.workers,
+                              progress=progress, shuffle_seed=None if args.keep_order else args.seed,
+                              name=Path(args.input).name)
     except (ImageFolderError, FileNotFoundError, ValueError) as e:
         print(f"skd shard: error: {e}", file=sys.stderr)
         return 2

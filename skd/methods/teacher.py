@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from skd.config_checks import one_of
+from skd.convert import CHECKPOINT_FORMATS
 from skd.methods.base import DataSpec, Method, MethodConfig
 from skd.teacher import load_teacher
 
@@ -24,6 +26,9 @@ class TeacherConfig(MethodConfig):
     """Teacher weights: safetensors, or a torch file (loaded with weights_only); required."""
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``timm.create_model`` when building the teacher."""
+    teacher_format: str = one_of("timm", CHECKPOINT_FORMATS)
+    """Parameter names in ``teacher_checkpoint``: ``timm``, or ``mmcls`` (mmcls / mmpretrain
+    ``backbone.*``/``head.*`` checkpoints, renamed while loading; see ``skd convert mmcls``)."""
 
 
 def create_teacher(cfg: TeacherConfig, student: nn.Module, num_classes: int) -> nn.Module:
@@ -33,7 +38,8 @@ def create_teacher(cfg: TeacherConfig, student: nn.Module, num_classes: int) -> 
         raise ValueError(f"method '{cfg.name}' needs a teacher: set method.teacher_checkpoint "
                          f"(a safetensors or torch file; e.g. the model.safetensors of a 'ce' run)")
     name = cfg.teacher or _architecture(student)
-    return load_teacher(name, cfg.teacher_checkpoint, num_classes, **cfg.teacher_kwargs)
+    return load_teacher(name, cfg.teacher_checkpoint, num_classes,
+                        checkpoint_format=cfg.teacher_format, **cfg.teacher_kwargs)
 
 
 def _architecture(model: nn.Module) -> str:
