@@ -1,5 +1,9 @@
-"""The CIFAR nets registered with timm: official parameter counts, shapes, the timm interface,
-the PreAct shortcut quirk, and checkpoint round trips."""
+"""The CIFAR nets registered with timm: official parameter counts, shapes and parameter layouts,
+the timm interface, the PreAct shortcut quirk, ShakeDrop, a training step, and checkpoint round
+trips."""
+import copy
+import hashlib
+
 import pytest
 import timm
 import torch
@@ -7,16 +11,24 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import skd.models
+from skd.models._cifar import _checkpoint_filter
 from skd.models.preact_resnet import PreActBlock
+from skd.models.pyramidnet import PyramidNet, ShakeDrop
 
 # Parameter counts at 100 classes of the official constructors, counted layer by layer from
 # RepDistiller models/{resnet,wrn,vgg}.py (model_dict: vgg8 = vgg8_bn, vgg13 = vgg13_bn) and
 # cs-kd models/resnet.py::CIFAR_ResNet18. They round to the published tables (CRD / DKD papers:
 # resnet8x4 1.23M, resnet32x4 7.43M, resnet20 0.28M, resnet32 0.47M, resnet56 0.86M,
 # resnet110 1.74M, wrn-16-2 0.70M, wrn-40-1 0.57M, wrn-40-2 2.26M, vgg8 3.96M, vgg13 9.46M;
-# PreAct ResNet-18 11.22M).
+# PreAct ResNet-18 11.22M). The PS-KD nets' counts come from running the official constructors
+# (see OFFICIAL_LAYOUT below).
 PARAMS = {
     "preact_resnet18_cifar": 11_217_444,
+    "resnet101_cifar": 42_697_380,
+    "densenet121_cifar": 7_048_548,
+    "resnext29_8x64d_cifar": 34_518_948,
+    "pyramidnet200_cifar": 26_844_952,
+    "pyramidnet200_shakedrop_cifar": 26_844_952,  # ShakeDrop has no parameters
     "resnet8_cifar": 83_892,  # counted by hand: stem 464, stages 4,672 + 14,528 + 57,728, fc 6,500
     "resnet8x4_cifar": 1_233_540,
     "resnet32x4_cifar": 7_433_860,
@@ -34,6 +46,11 @@ PARAMS = {
 # (channels, spatial size) of each feature index at 32 px: stem first, last = the pooled map.
 FEATURES = {
     "preact_resnet18_cifar": [(64, 32), (64, 32), (128, 16), (256, 8), (512, 4)],
+    "resnet101_cifar": [(64, 32), (256, 32), (512, 16), (1024, 8), (2048, 4)],
+    "densenet121_cifar": [(64, 32), (256, 32), (512, 16), (1024, 8), (1024, 4)],
+    "resnext29_8x64d_cifar": [(64, 32), (256, 32), (512, 16), (1024, 8)],
+    "pyramidnet200_cifar": [(16, 32), (384, 32), (704, 16), (1024, 8)],
+    "pyramidnet200_shakedrop_cifar": [(16, 32), (384, 32), (704, 16), (1024, 8)],
     "resnet8_cifar": [(16, 32), (16, 32), (32, 16), (64, 8)],
     "resnet8x4_cifar": [(32, 32), (64, 32), (128, 16), (256, 8)],
     "resnet32x4_cifar": [(32, 32), (64, 32), (128, 16), (256, 8)],
@@ -48,8 +65,47 @@ FEATURES = {
     "vgg13_cifar": [(64, 32), (128, 16), (256, 8), (512, 4), (512, 4)],
 }
 
-SMALL = ["resnet20_cifar", "wrn_16_2_cifar", "vgg8_cifar", "preact_resnet18_cifar"]
+SMALL = ["resnet20_cifar", "wrn_16_2_cifar", "vgg8_cifar", "preact_resnet18_cifar",
+         "densenet121_cifar"]
 """One net per family, for the checks that run a forward pass more than once."""
+
+# The official parameter layout of PS-KD's CIFAR nets: (number of state-dict entries, sha256 of
+# the sorted lines "name:shape" of model.state_dict(), shape dims joined by "x", so a 0-dim buffer
+# gives "name:"). Made once by running the official constructors of lgcnsai/PS-KD-Pytorch
+# (commit 9aa0828, models/) at 100 classes: CIFAR_ResNet18_preActBasic, CIFAR_ResNet101_Bottle,
+# CIFAR_DenseNet121(bias=True), CifarResNeXt(cardinality=8, depth=29, nlabels=100,
+# base_width=64, widen_factor=4), PyramidNet('cifar100', depth=200, alpha=240, bottleneck=True)
+# and PyramidNet_ShakeDrop with the same arguments (its ShakeDrop modules have no state).
+_PYRAMIDNET_LAYOUT = (1531, "68e148429a0101cb55802bea732c894aac04c68290fd90e2daff8bfabc185134")
+OFFICIAL_LAYOUT = {
+    "preact_resnet18_cifar":
+        (107, "e3140eb77f36dbb292b03d70268f1876966355c5abdf74272955d04f97b9399e"),
+    "resnet101_cifar": (626, "9c5a69055c08040c6f1269c8c23b0eb39b4f197a4ff777829ea4f0535451afe0"),
+    "densenet121_cifar":
+        (722, "571956fb3d9725740b8a550eedba7bba33b5927ab74937648ba9ef57ff345398"),
+    "resnext29_8x64d_cifar":
+        (188, "a1ada1259694cb36767c08b79e45c5df560ff61db342121ccb21c04321c70b1e"),
+    "pyramidnet200_cifar": _PYRAMIDNET_LAYOUT,
+    "pyramidnet200_shakedrop_cifar": _PYRAMIDNET_LAYOUT,
+}
+PSKD_NETS = ["resnet101_cifar", "densenet121_cifar", "resnext29_8x64d_cifar",
+             "pyramidnet200_cifar", "pyramidnet200_shakedrop_cifar"]
+"""The nets PS-KD's table adds to the PreAct ResNet-18."""
+
+
+@pytest.fixture(scope="module")
+def net():
+    """``net(name)``: the model at 100 classes in eval mode, built once per module (the big
+    PS-KD nets take a while to initialise). Tests that change it work on a copy."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = timm.create_model(name, num_classes=100).eval()
+        return cache[name]
+
+    yield get
+    cache.clear()
 
 
 def _x(n=2, size=32):
@@ -62,8 +118,8 @@ def test_every_model_is_registered():
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
-def test_official_parameter_count_and_shapes(name):
-    model = timm.create_model(name, num_classes=100).eval()
+def test_official_parameter_count_and_shapes(name, net):
+    model = net(name)
     assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
     x = _x(1)
     with torch.no_grad():
@@ -189,3 +245,92 @@ def test_timm_recipe_for_methods(name):
             assert prefix.shape == (2, model.num_prefix_tokens, model.embed_dim)
         else:
             assert penultimate.shape[1] == 256 and torch.equal(final, last)
+
+
+def _layout(model):
+    lines = sorted(f"{k}:{'x'.join(map(str, v.shape))}" for k, v in model.state_dict().items())
+    return len(lines), hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_LAYOUT))
+def test_official_parameter_layout_loads_strictly(name, net):
+    """Names and shapes equal the official nets', so a PS-KD checkpoint ({"net": DDP state
+    dict}) in that layout loads with strict=True and sets every tensor."""
+    model = net(name)
+    assert _layout(model) == OFFICIAL_LAYOUT[name]
+    gen = torch.Generator().manual_seed(0)
+    official = {f"module.{k}": (torch.rand(v.shape, generator=gen) + 0.5 if v.is_floating_point()
+                                else v + 7)
+                for k, v in model.state_dict().items()}
+    dst = copy.deepcopy(model)
+    dst.load_state_dict(_checkpoint_filter({"epoch": 299, "net": official}, dst), strict=True)
+    loaded = dst.state_dict()
+    assert all(torch.equal(loaded[k.removeprefix("module.")], v) for k, v in official.items())
+
+
+@pytest.mark.parametrize("name", PSKD_NETS)
+def test_one_training_step(name, net):
+    model = copy.deepcopy(net(name)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    head = model.get_classifier().weight.detach().clone()
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv = first_conv.weight.detach().clone()
+    first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    loss = F.cross_entropy(model(_x(2)), torch.tensor([3, 97]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    optimizer.step()
+    assert not torch.equal(model.get_classifier().weight, head)
+    assert not torch.equal(first_conv.weight, conv)  # the gradient reached the stem
+    assert first_bn.num_batches_tracked.item() == 1
+
+
+def test_shakedrop_forward_and_backward_factors():
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    closed = ShakeDrop(p_drop=1.0).train()  # gate always closed: y = α·x, dy/dx = β
+    xg = x.clone().requires_grad_()
+    y = closed(xg)
+    y.backward(torch.ones_like(y))
+    alpha, beta = y.detach() / x, xg.grad
+    for factor, low, high in ((alpha, -1, 1), (beta, 0, 1)):
+        per_sample = factor.flatten(1)
+        torch.testing.assert_close(per_sample, per_sample[:, :1].expand_as(per_sample))
+        assert ((per_sample >= low) & (per_sample <= high)).all()
+    assert not torch.allclose(alpha, beta)  # the backward uses its own draw
+
+    opened = ShakeDrop(p_drop=0.0).train()
+    xg = x.clone().requires_grad_()
+    y = opened(xg)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(y, x) and torch.equal(xg.grad, torch.ones_like(x))
+    torch.testing.assert_close(ShakeDrop(p_drop=0.3).eval()(x), 0.7 * x)
+
+
+def test_shakedrop_gate_is_shared_by_the_batch():
+    """One Bernoulli gate per batch (the official code): either every sample passes unchanged
+    or every sample is scaled."""
+    torch.manual_seed(0)
+    shake = ShakeDrop(p_drop=0.5).train()
+    x = torch.randn(8, 4, 3, 3)
+    outcomes = set()
+    for _ in range(30):
+        unchanged = (shake(x) == x).flatten(1).all(1)
+        assert unchanged.all() or not unchanged.any()
+        outcomes.add(bool(unchanged.all()))
+    assert outcomes == {True, False}
+
+
+def test_pyramidnet_widths_and_shakedrop_probabilities(net):
+    """Block k of 3n has round(16 + k·α/3n) planes; ShakeDrop's p_drop rises linearly to 0.5."""
+    small = PyramidNet(depth=20, alpha=48, shakedrop=True)  # n = 2: 6 blocks, +8 planes each
+    blocks = [b for stage in (small.layer1, small.layer2, small.layer3) for b in stage]
+    assert [b.conv1.out_channels for b in blocks] == [24, 32, 40, 48, 56, 64]
+    assert [b.bn1.num_features for b in blocks] == [16, 96, 128, 160, 192, 224]
+    torch.testing.assert_close([b.shake_drop.p_drop for b in blocks],
+                               [0.5 * k / 6 for k in range(1, 7)])
+    sd = net("pyramidnet200_shakedrop_cifar")
+    p_drops = [b.shake_drop.p_drop for stage in (sd.layer1, sd.layer2, sd.layer3) for b in stage]
+    assert len(p_drops) == 66 and p_drops[-1] == 0.5
+    assert all(b.shake_drop is None for b in net("pyramidnet200_cifar").layer3)

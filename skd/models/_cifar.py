@@ -20,7 +20,7 @@ CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 """RepDistiller ``dataset/cifar100.py``."""
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-"""CS-KD / PS-KD normalise CIFAR-100 with the CIFAR-10 statistics (METHODS §2.4, §3.4)."""
+"""CS-KD / PS-KD normalise CIFAR-100 with the CIFAR-10 statistics (docs/methods.md §2.4, §3.4)."""
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 

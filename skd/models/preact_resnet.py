@@ -1,4 +1,4 @@
-"""The PreAct ResNet-18 of CS-KD and PS-KD, for 32-px inputs (METHODS §2.4).
+"""The PreAct ResNet-18 of CS-KD and PS-KD, for 32-px inputs (docs/methods.md §2.4).
 
 ``alinlab/cs-kd`` ``models/resnet.py::CIFAR_ResNet18`` = ``CIFAR_ResNet(PreActBlock, [2,2,2,2])``,
 the same net as ``lgcnsai/PS-KD-Pytorch`` ``models/preact_resnet.py::CIFAR_ResNet18_preActBasic``:
@@ -28,6 +28,8 @@ __all__ = ["PreActBlock", "PreActResNet"]
 class PreActBlock(nn.Module):
     """BN-ReLU, conv3x3, BN-ReLU, conv3x3, plus a shortcut taken from the pre-activated input."""
 
+    expansion = 1
+
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
@@ -48,13 +50,16 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(CifarNet):
-    """CS-KD / PS-KD ``CIFAR_ResNet`` with ``PreActBlock``. Feature indices: 0 stem (post-ReLU,
-    64 ch, ×1), 1..4 layer1..layer4 outputs (raw residual sums; 64/128/256/512 ch, ×1/1/2/4/8)."""
+    """CS-KD / PS-KD ``CIFAR_ResNet`` with ``PreActBlock`` (or another ``block`` class taking
+    ``(in_planes, planes, stride)`` with an ``expansion``). Feature indices: 0 stem (post-ReLU,
+    64 ch, ×1), 1..4 layer1..layer4 outputs (the blocks' outputs: raw residual sums for
+    ``PreActBlock``; 64/128/256/512 × expansion ch, ×1/1/2/4/8)."""
 
     head_name = "linear"
 
     def __init__(self, num_blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 100,
-                 in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0) -> None:
+                 in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0,
+                 block: type[nn.Module] = PreActBlock) -> None:
         super().__init__()
         widths = (64, 128, 256, 512)
         self.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
@@ -66,10 +71,10 @@ class PreActResNet(CifarNet):
             reduction *= stride
             blocks = []
             for s in [stride] + [1] * (n - 1):
-                blocks.append(PreActBlock(in_planes, planes, s))
-                in_planes = planes
+                blocks.append(block(in_planes, planes, s))
+                in_planes = planes * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=planes, reduction=reduction,
+            self.feature_info.append(dict(num_chs=in_planes, reduction=reduction,
                                           module=f"layer{i + 1}"))
         self._init_head(in_planes, num_classes, global_pool, drop_rate)
 
