@@ -9,11 +9,15 @@ k is the output of block k.
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple, Sequence
+
 import torch
 from torch import nn
 
 __all__ = ["is_token_model", "mid_feature_index", "forward_with_pooled_feature",
-           "pooled_feature_channels", "forward_with_last_map", "last_map_channels"]
+           "pooled_feature_channels", "forward_with_last_map", "last_map_channels", "FeatureTap",
+           "Features", "num_feature_maps", "forward_with_maps", "default_input_size",
+           "probe_features"]
 
 
 def is_token_model(model: nn.Module) -> bool:
@@ -22,7 +26,7 @@ def is_token_model(model: nn.Module) -> bool:
 
 
 def mid_feature_index(model: nn.Module) -> int:
-    """USKD's intermediate feature (METHODS §6.1): the second-to-last stage of a CNN (ResNet
+    """USKD's intermediate feature (docs/methods.md §6.1): the second-to-last stage of a CNN (ResNet
     layer3), or block ``int(0.5·L) − 1`` of a ViT (the official patched DeiT's ``mid_token``)."""
     if is_token_model(model):
         return max(int(0.5 * len(model.blocks)) - 1, 0)
@@ -89,7 +93,7 @@ def _input_size(model: nn.Module) -> tuple[int, ...]:
 
 def forward_with_last_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, last-stage map [B, C, H, W])`` from one forward: ``forward_features`` then
-    ``forward_head`` (ICKD's feature: the output of the last conv stage, METHODS §7)."""
+    ``forward_head`` (ICKD's feature: the output of the last conv stage, docs/methods.md §7)."""
     feature_map = model.forward_features(x)
     if feature_map.dim() != 4:
         raise ValueError(f"{type(model).__name__}.forward_features gives shape "
@@ -103,3 +107,106 @@ def last_map_channels(model: nn.Module) -> int:
     if not isinstance(channels, int) or channels <= 0:
         raise ValueError(f"{type(model).__name__} has no num_features; ICKD needs a timm CNN")
     return channels
+
+
+# ---- several maps at once, by stage index or by submodule (the feature-distillation methods) ----
+
+FeatureTap = int | str
+"""Where a feature map is taken: a ``forward_intermediates`` index (timm's convention above), or
+the dotted name of a submodule whose output is taken (a forward hook), for maps that are no
+stage output, e.g. the raw ``block3`` sum of a CIFAR WRN (RepDistiller's ``f3``)."""
+
+
+class Features(NamedTuple):
+    """One forward pass of a model: logits ``[B, K]``, the maps at the requested taps (in the
+    requested order), and the pre-logits embedding ``[B, D]`` (``forward_head(pre_logits=True)``,
+    the pooled vector the classifier reads) when asked for, else None."""
+
+    logits: torch.Tensor
+    maps: list[torch.Tensor]
+    embedding: torch.Tensor | None
+
+
+def num_feature_maps(model: nn.Module) -> int:
+    """How many maps ``forward_intermediates`` indexes (stem and stages): ``len(feature_info)``."""
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise ValueError(f"{type(model).__name__} has no feature_info; feature distillation "
+                         f"needs a timm model with forward_intermediates")
+    return len(info)
+
+
+def _resolve_taps(model: nn.Module, taps: Sequence[FeatureTap]) -> list[FeatureTap]:
+    """Indices made absolute (so −1 and the last index are the same map); names checked."""
+    n = num_feature_maps(model)
+    resolved: list[FeatureTap] = []
+    for tap in taps:
+        if isinstance(tap, str):
+            try:
+                model.get_submodule(tap)
+            except AttributeError:
+                raise ValueError(f"feature tap {tap!r} is not a submodule of "
+                                 f"{type(model).__name__}") from None
+            resolved.append(tap)
+        elif -n <= tap < n:
+            resolved.append(tap % n)
+        else:
+            raise ValueError(f"feature index {tap} is out of range for {type(model).__name__}, "
+                             f"which has {n} feature maps (indices {-n}..{n - 1})")
+    return resolved
+
+
+def forward_with_maps(model: nn.Module, x: torch.Tensor, taps: Sequence[FeatureTap],
+                      with_embedding: bool = False) -> Features:
+    """Logits, the maps at ``taps`` and optionally the pre-logits embedding, from one forward.
+
+    Integer taps come from ``forward_intermediates``; named taps are the output of that
+    submodule (of its last call) during the same pass. Nothing is detached."""
+    taps = _resolve_taps(model, taps)
+    indices = sorted({t for t in taps if isinstance(t, int)})
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(f"feature tap {name!r} returns {type(output).__name__}, not a tensor")
+            captured[name] = output
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(capture(name))
+               for name in {t for t in taps if isinstance(t, str)}]
+    try:
+        if indices:  # timm rejects an empty index list
+            final, inter = model.forward_intermediates(x, indices=indices)
+        else:
+            final, inter = model.forward_features(x), []
+    finally:
+        for handle in handles:
+            handle.remove()
+    by_index = dict(zip(indices, inter))
+    maps = [captured[t] if isinstance(t, str) else by_index[t] for t in taps]
+    embedding = model.forward_head(final, pre_logits=True) if with_embedding else None
+    return Features(model.forward_head(final), maps, embedding)
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """``(C, H, W)`` the model is built for: its patch embed's fixed size, else timm's
+    ``pretrained_cfg["input_size"]`` (32 px for skd's CIFAR nets), else 224 px."""
+    return _input_size(model)
+
+
+@torch.no_grad()
+def probe_features(model: nn.Module, taps: Sequence[FeatureTap], with_embedding: bool = False,
+                   input_size: tuple[int, ...] | None = None) -> Features:
+    """``forward_with_maps`` on one zero image in eval mode (no running statistics change, no
+    random numbers drawn), to size the modules that connect student and teacher maps."""
+    if input_size is None:
+        input_size = _input_size(model)
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+        return forward_with_maps(model, x, taps, with_embedding)
+    finally:
+        model.train(was_training)
