@@ -8,11 +8,16 @@ import os
 
 import torch
 
-__all__ = ["INTERPRET", "MAX_BLOCK_C", "use_triton", "launch_config", "as_rows"]
+__all__ = ["INTERPRET", "FORCE_REFERENCE", "MAX_BLOCK_C", "use_triton", "launch_config",
+           "as_rows", "split_scalar"]
 
 # Triton decides at decoration time whether a @triton.jit kernel is compiled or interpreted, so the
 # flag is read once, at import, exactly as Triton reads it (tests set it in tests/conftest.py).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+# Send every call to skd_kernels.reference, CUDA tensors included (read at each call): the
+# baseline of `python -m skd.bench gpu`, which times training steps with and without the kernels.
+FORCE_REFERENCE = False
 
 # Widest column block one program holds; wider rows are walked block by block with an online
 # max/sum. Tests lower it to reach the multi-block path with small C.
@@ -28,8 +33,10 @@ _INTERPRETER_TILE = 16384
 
 def use_triton(x: torch.Tensor) -> bool:
     """True if ``x`` is a CUDA tensor, or a CPU tensor while ``TRITON_INTERPRET=1``, unless it is
-    float64: the kernels compute in fp32, so fp64 (oracles, gradcheck) keeps the reference."""
-    return (x.is_cuda or (INTERPRET and x.device.type == "cpu")) and x.dtype != torch.float64
+    float64 (the kernels compute in fp32, so fp64 oracles and gradcheck keep the reference) or
+    ``FORCE_REFERENCE`` is set."""
+    return ((x.is_cuda or (INTERPRET and x.device.type == "cpu")) and x.dtype != torch.float64
+            and not FORCE_REFERENCE)
 
 
 def _next_power_of_2(n: int) -> int:
@@ -58,3 +65,12 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     if x.stride(1) != 1 and x.shape[1] > 1:
         x = x.contiguous()
     return x
+
+
+def split_scalar(x: float | torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float]:
+    """A kernel's scalar argument as ``(tensor, 0.0)`` when ``x`` is a tensor on ``device`` (read by
+    the kernel, never by the host), else ``(None, float(x))`` (a CPU scalar beside CUDA tensors:
+    reading it waits on no GPU work)."""
+    if isinstance(x, torch.Tensor) and x.device == device:
+        return x.detach().reshape(()), 0.0
+    return None, float(x)
