@@ -1,4 +1,4 @@
-"""The loss of every method, as pure functions (formulas and conventions: ``METHODS.md``).
+"""The loss of every method, as pure functions (formulas and conventions: ``docs/methods.md``).
 
 Logits are ``[N, C]`` of any float dtype, labels int64 ``[N]``. Each function computes in fp32
 (fp64 when its inputs are fp64) and returns a scalar averaged over rows ("batchmean": summed over
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import skd_kernels
-from skd_kernels import pskd_loss
+from skd_kernels import mixup_cross_entropy, pskd_loss
 
 __all__ = [
     "cross_entropy", "kd_loss", "cskd_loss", "tfkd_reg_loss", "tfkd_self_loss", "nkd_loss",
-    "uskd_loss", "ickd_loss", "pskd_loss",
+    "uskd_loss", "ickd_loss", "pskd_loss", "mixup_cross_entropy",
 ]
 
 _KL_REDUCTIONS = ("mean", "batchmean")
@@ -52,7 +52,7 @@ def cross_entropy(
 
     ``"uniform"``: q = (1−ε)·onehot + ε/C, the PS-KD baseline (``lgcnsai/PS-KD-Pytorch#6``).
     ``"others"``: q = 1−ε on the label and ε/(C−1) elsewhere, TF-KD
-    ``my_loss_function.py::loss_label_smoothing`` (METHODS §1.1).
+    ``my_loss_function.py::loss_label_smoothing`` (docs/methods.md §1.1).
     """
     if smoothing_mode not in ("uniform", "others"):
         raise ValueError(f"smoothing_mode must be 'uniform' or 'others', got {smoothing_mode!r}")
@@ -71,7 +71,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             temperature: float) -> torch.Tensor:
     """Hinton KD: T²·KL(softmax(t/T) ‖ softmax(s/T)), batchmean; the teacher gets no gradient.
 
-    RepDistiller ``distiller_zoo/KD.py::DistillKL`` (sum ÷ N, times T²), METHODS §1.2.
+    RepDistiller ``distiller_zoo/KD.py::DistillKL`` (sum ÷ N, times T²), docs/methods.md §1.2.
     """
     return skd_kernels.softmax_kl(student_logits, teacher_logits, temperature)
 
@@ -86,7 +86,7 @@ def cskd_loss(
     """CS-KD: CE(anchor, y) + lam·T²·KL(softmax(partner/T) ‖ softmax(anchor/T)), batchmean.
 
     The partner is detached (no gradient) and carries no CE. ``alinlab/cs-kd`` ``train.py``
-    L95-139 (``KDLoss``: sum ÷ B times T²), METHODS §2.1. CE and KL are one fused call.
+    L95-139 (``KDLoss``: sum ÷ B times T²), docs/methods.md §2.1. CE and KL are one fused call.
     """
     return skd_kernels.softmax_kl(anchor_logits, partner_logits, temperature, labels=labels,
                               ce_weight=1.0, kl_weight=lam)
@@ -111,14 +111,14 @@ def tfkd_reg_loss(
     kl_reduction: str = "mean",
 ) -> torch.Tensor:
     """TF-KD_reg, ``yuanli2333/Teacher-free-Knowledge-Distillation`` ``my_loss_function.py::
-    loss_kd_regularization`` (METHODS §4.1)::
+    loss_kd_regularization`` (docs/methods.md §4.1)::
 
         p^d = correct_prob on the label, (1 − correct_prob)/(C−1) elsewhere
         q   = softmax(p^d / T)                      # softmax of *probabilities* over T
         L   = (1−α)·CE(z, y) + α·m·KL(q ‖ softmax(z)) / C     # student at T = 1, no T²
 
     The ÷C is ``nn.KLDivLoss()``'s default 'mean' reduction (÷N·C); ``kl_reduction="batchmean"``
-    (÷N) is the clean opt-in (METHODS §10).
+    (÷N) is the clean opt-in (docs/methods.md §10).
     """
     z_NC = _acc(logits)
     num_classes = z_NC.shape[-1]
@@ -141,7 +141,7 @@ def tfkd_self_loss(
     *,
     kl_reduction: str = "mean",
 ) -> torch.Tensor:
-    """TF-KD_self, ``my_loss_function.py::loss_kd_self`` (METHODS §4.2)::
+    """TF-KD_self, ``my_loss_function.py::loss_kd_self`` (docs/methods.md §4.2)::
 
         L = (1−α)·CE(s, y) + α·m·T²·KL(softmax(t/T) ‖ softmax(s/T)) / C
 
@@ -163,7 +163,7 @@ def nkd_loss(
     gamma: float = 1.5,
 ) -> torch.Tensor:
     """NKD, ``yzd-v/cls_KD`` ``mmcls/models/dis_losses/nkd.py`` after the mask fix 9466b3f
-    (METHODS §5.1); t is the label (``argmax`` of soft ``[N, C]`` labels), λ the temperature::
+    (docs/methods.md §5.1); t is the label (``argmax`` of soft ``[N, C]`` labels), λ the temperature::
 
         L_target = −mean_n τ_t · log s_t            # T = 1, τ = softmax(teacher), detached
         L_non    = −γ·λ²·mean_n Σ_{i≠t} softmax(t_¬t/λ)_i · log softmax(s_¬t/λ)_i
@@ -201,7 +201,7 @@ def uskd_loss(
     mu: float = 0.005,
     rank: str = "prob",
 ) -> torch.Tensor:
-    """USKD, ``yzd-v/cls_KD`` ``uskd.py`` (METHODS §6.2): ``α·L_t + β·L_nt + L_weak``, without the
+    """USKD, ``yzd-v/cls_KD`` ``uskd.py`` (docs/methods.md §6.2): ``α·L_t + β·L_nt + L_weak``, without the
     head CE. ``weak_logits`` come from the weak head on the GAP'd intermediate feature.
 
     ``labels``: int ``[N]``, or soft ``[N, C]`` (mixup/cutmix: the top-2 classes and their
@@ -267,7 +267,7 @@ def uskd_loss(
 def ickd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
               norm: str = "cifar") -> torch.Tensor:
     """ICKD inter-channel correlation, ``ADLab-AutoDrive/ICKD`` ``Cifar100/distiller_zoo/ICKD.py``
-    (METHODS §7)::
+    (docs/methods.md §7)::
 
         G = F Fᵀ per sample (C×C, F = [C, H·W]),  Ĝ = G with each row L2-normalised
         L = Σ_b Σ_ij (Ĝ_s − Ĝ_t)² / (C·B)      norm="cifar"
@@ -289,3 +289,247 @@ def ickd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
         g_t = F.normalize(torch.bmm(f_t, f_t.transpose(1, 2)), dim=2)
     denom = C * B * (B if norm == "imagenet" else 1)
     return (g_s - g_t).pow(2).sum() / denom
+
+
+# =================================================================================================
+# Feature distillation: the baselines of RepDistiller (``HobbitLong/RepDistiller``: FitNet, AT, SP,
+# CC, VID, RKD, PKT, FSP, NST in ``distiller_zoo/``, CRD in ``crd/``).
+#
+# Each function receives the features as the official criterion does (after the method's connector
+# module, if any) and returns an fp32 scalar (fp64 for fp64 inputs), computed with autocast off.
+# Maps are ``[B, C, H, W]``, embeddings (the pooled pre-logits vector, RepDistiller's ``feat[-1]``)
+# ``[B, D]``. Teacher features are detached, except where the teacher side has gone through a
+# trainable embedding (CC, CRD), whose weights must learn.
+# =================================================================================================
+
+__all__ += [
+    "match_size", "hint_loss", "at_loss", "sp_loss", "cc_loss", "vid_loss", "rkd_loss", "pkt_loss",
+    "fsp_matrix", "fsp_loss", "nst_loss", "crd_scores", "crd_nce_loss",
+]
+
+
+def _no_autocast(x: torch.Tensor) -> torch.autocast:
+    """Autocast would put matmuls back in bf16/fp16; these losses compute in fp32 (or fp64)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def match_size(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepDistiller's size matching of two maps (AT, VID, FSP, NST): the one with the larger height
+    is adaptive-average-pooled to the other's size; maps of equal height pass unchanged.
+
+    The official code pools to ``(H, H)`` of the smaller map; here to its ``(H, W)``, which is the
+    same for square maps."""
+    if a.shape[2] > b.shape[2]:
+        a = F.adaptive_avg_pool2d(a, b.shape[2:])
+    elif a.shape[2] < b.shape[2]:
+        b = F.adaptive_avg_pool2d(b, a.shape[2:])
+    return a, b
+
+
+def hint_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """FitNet, ``distiller_zoo/FitNet.py::HintLoss``: ``nn.MSELoss()`` (mean over every element)
+    between the regressed student map and the teacher's map at the hint layer."""
+    if student_feat.shape != teacher_feat.shape:
+        raise ValueError(f"hint_loss: student {tuple(student_feat.shape)} and teacher "
+                         f"{tuple(teacher_feat.shape)} maps differ; regress the student first")
+    with _no_autocast(student_feat):
+        return F.mse_loss(_acc(student_feat), _acc(teacher_feat).detach())
+
+
+def at_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Attention transfer, ``distiller_zoo/AT.py::Attention.at_loss`` (one pair of maps)::
+
+        a(F) = L2-normalise_over_HW( mean_c F^p )          # one [H·W] attention map per sample
+        L    = mean_{b, hw} (a(F_s) − a(F_t))²
+
+    after ``match_size``; channel counts may differ. RepDistiller sums L over its maps."""
+    with _no_autocast(student_map):
+        f_s, f_t = match_size(_acc(student_map), _acc(teacher_map).detach())
+        a_s = F.normalize(f_s.pow(p).mean(1).flatten(1), dim=1)
+        a_t = F.normalize(f_t.pow(p).mean(1).flatten(1), dim=1)
+        return (a_s - a_t).pow(2).mean()
+
+
+def sp_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """Similarity preserving, ``distiller_zoo/SP.py::Similarity.similarity_loss``::
+
+        G = F Fᵀ over the batch (F = [B, C·H·W]),  Ĝ = G with each row L2-normalised
+        L = Σ_ij (Ĝ_t − Ĝ_s)² / B²
+
+    Student and teacher maps may differ in every dimension but the batch."""
+    B = student_map.shape[0]
+    with _no_autocast(student_map):
+        f_s = _acc(student_map).reshape(B, -1)
+        f_t = _acc(teacher_map).detach().reshape(B, -1)
+        g_s = F.normalize(f_s @ f_s.t(), dim=1)
+        g_t = F.normalize(f_t @ f_t.t(), dim=1)
+        return (g_t - g_s).pow(2).sum() / (B * B)
+
+
+def cc_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor) -> torch.Tensor:
+    """Correlation congruence, ``distiller_zoo/CC.py::Correlation`` (the CC authors' code)::
+
+        δ_b = |e_s,b − e_t,b|,    L = mean_{b < B−1} Σ_d δ_b,d · δ_{b+1},d
+
+    i.e. the correlation of neighbouring samples in batch order. Both inputs are the outputs of
+    trainable linear embeddings (``feat_dim`` 128); the teacher side is *not* detached."""
+    if student_embed.shape[0] < 2:
+        raise ValueError("cc_loss needs at least two samples (it correlates neighbours in the batch)")
+    with _no_autocast(student_embed):
+        delta = (_acc(student_embed) - _acc(teacher_embed)).abs()
+        return (delta[:-1] * delta[1:]).sum(1).mean()
+
+
+def vid_loss(pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor,
+             eps: float = 1e-5) -> torch.Tensor:
+    """Variational information distillation, ``distiller_zoo/VID.py::VIDLoss.forward``: the
+    negative Gaussian log-likelihood (without the constant) of the teacher map under the mean
+    that the regressor predicts from the student map, with one variance per channel::
+
+        σ²_c = softplus(log_scale_c) + eps
+        L    = mean_{b,c,h,w} ½·((μ − F_t)² / σ²_c + log σ²_c)
+
+    ``pred_mean`` is the regressor's output (same shape as ``target``); ``log_scale`` ``[C]`` is
+    trained with it. softplus is the official ``log(1 + exp(·))``."""
+    if pred_mean.shape != target.shape or target.shape[1] != log_scale.shape[0]:
+        raise ValueError(f"vid_loss: prediction {tuple(pred_mean.shape)}, target "
+                         f"{tuple(target.shape)} and log_scale {tuple(log_scale.shape)} do not match")
+    with _no_autocast(pred_mean):
+        var = (F.softplus(_acc(log_scale)) + eps).view(1, -1, *([1] * (target.dim() - 2)))
+        diff = _acc(pred_mean) - _acc(target).detach()
+        return (0.5 * (diff.pow(2) / var + var.log())).mean()
+
+
+def _rkd_distances(e_BD: torch.Tensor) -> torch.Tensor:
+    """Pairwise Euclidean distances divided by their mean over the distinct pairs
+    (``RKDLoss.pdist``: squared distances clamped at 1e-12, diagonal zeroed)."""
+    sq_B = e_BD.pow(2).sum(1)
+    d_BB = (sq_B[:, None] + sq_B[None, :] - 2 * e_BD @ e_BD.t()).clamp(min=1e-12).sqrt()
+    d_BB = d_BB * (1 - torch.eye(len(e_BD), dtype=d_BB.dtype, device=d_BB.device))
+    # The official d[d > 0].mean() with a static shape: the zeroed diagonal adds nothing to the sum.
+    return d_BB / (d_BB.sum() / (d_BB > 0).sum())
+
+
+def _rkd_angles(e_BD: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at sample i between samples j and k, for every (i, j, k): ``[B³]``."""
+    diff_BBD = F.normalize(e_BD[None, :, :] - e_BD[:, None, :], dim=2)
+    return torch.bmm(diff_BBD, diff_BBD.transpose(1, 2)).flatten()
+
+
+def rkd_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor,
+             distance_weight: float = 25.0, angle_weight: float = 50.0) -> torch.Tensor:
+    """Relational KD, ``distiller_zoo/RKD.py::RKDLoss`` (``w_d`` 25, ``w_a`` 50)::
+
+        L = w_d · smooth_l1(ψ_D(s), ψ_D(t)) + w_a · smooth_l1(ψ_A(s), ψ_A(t))
+
+    ψ_D: pairwise distances over the batch divided by their mean over distinct pairs; ψ_A: the
+    cosines of all B³ angles; smooth-L1 with β = 1, mean. Inputs are flattened to ``[B, −1]``."""
+    with _no_autocast(student_embed):
+        s = _acc(student_embed).flatten(1)
+        t = _acc(teacher_embed).detach().flatten(1)
+        loss_d = F.smooth_l1_loss(_rkd_distances(s), _rkd_distances(t))
+        loss_a = F.smooth_l1_loss(_rkd_angles(s), _rkd_angles(t))
+        return distance_weight * loss_d + angle_weight * loss_a
+
+
+def _pkt_probabilities(e_BD: torch.Tensor, eps: float) -> torch.Tensor:
+    e_BD = e_BD / (e_BD.pow(2).sum(1, keepdim=True).sqrt() + eps)
+    sim_BB = (e_BD @ e_BD.t() + 1.0) / 2.0  # cosine similarity moved to [0, 1]
+    return sim_BB / sim_BB.sum(1, keepdim=True)
+
+
+def pkt_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor,
+             eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic knowledge transfer, ``distiller_zoo/PKT.py::cosine_similarity_loss``::
+
+        P_ij = (1 + cos(e_i, e_j)) / 2, normalised over j      (e_i / (‖e_i‖ + eps))
+        L    = mean_ij P^t_ij · log((P^t_ij + eps) / (P^s_ij + eps))
+
+    a KL over each row's similarities, averaged over all B² entries (not summed over j). The
+    official NaN-to-0 guard after the normalisation never fires for finite inputs (‖e‖ + eps > 0),
+    so it is left out."""
+    with _no_autocast(student_embed):
+        p_s = _pkt_probabilities(_acc(student_embed).flatten(1), eps)
+        p_t = _pkt_probabilities(_acc(teacher_embed).detach().flatten(1), eps)
+        return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """The FSP ("flow of solution procedure") matrix of two maps, ``FSP.compute_fsp``::
+
+        G_b[j, i] = mean_hw top_j(h, w) · bottom_i(h, w)        → [B, C_top, C_bottom]
+
+    after ``match_size``."""
+    with _no_autocast(bottom):
+        bottom, top = match_size(_acc(bottom), _acc(top))
+        hw = bottom.shape[2] * bottom.shape[3]
+        return torch.bmm(top.flatten(2), bottom.flatten(2).transpose(1, 2)) / hw
+
+
+def fsp_loss(student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor]) -> torch.Tensor:
+    """FSP, ``distiller_zoo/FSP.py``: for each pair of consecutive maps (0, 1), (1, 2), ... the
+    mean squared difference of the student's and the teacher's FSP matrices, summed over pairs
+    (RepDistiller's init stage sums the group). Channel counts must match map by map."""
+    if len(student_maps) != len(teacher_maps) or len(student_maps) < 2:
+        raise ValueError(f"fsp_loss needs two equally long lists of at least two maps, got "
+                         f"{len(student_maps)} and {len(teacher_maps)}")
+    total = None
+    for i in range(len(student_maps) - 1):
+        g_s = fsp_matrix(student_maps[i], student_maps[i + 1])
+        g_t = fsp_matrix(teacher_maps[i].detach(), teacher_maps[i + 1].detach())
+        if g_s.shape != g_t.shape:
+            raise ValueError(f"fsp_loss: maps {i}, {i + 1} have channels {tuple(g_s.shape[1:])} "
+                             f"(student) and {tuple(g_t.shape[1:])} (teacher); FSP needs equal ones")
+        term = (g_s - g_t).pow(2).mean()
+        total = term if total is None else total + term
+    return total
+
+
+def nst_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """Neuron selectivity transfer, ``distiller_zoo/NST.py::NSTLoss.nst_loss`` (``full_loss``)::
+
+        f_c = F_c / ‖F_c‖ over H·W (each channel's activation pattern),  k(a, b) = (a · b)²
+        L   = mean k(t, t) + mean k(s, s) − 2·mean k(s, t)      (means over b and channel pairs)
+
+    the squared MMD with the degree-2 polynomial kernel, after ``match_size``; channel counts may
+    differ. The official code broadcasts a [B, C, C, H·W] product; this is the same sum as a bmm."""
+    with _no_autocast(student_map):
+        f_s, f_t = match_size(_acc(student_map), _acc(teacher_map).detach())
+        f_s = F.normalize(f_s.flatten(2), dim=2)
+        f_t = F.normalize(f_t.flatten(2), dim=2)
+
+        def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(b, a.transpose(1, 2)).pow(2)
+
+        return kernel(f_t, f_t).mean() + kernel(f_s, f_s).mean() - 2 * kernel(f_s, f_t).mean()
+
+
+def crd_scores(anchor: torch.Tensor, memory_rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """CRD's unnormalised scores, ``crd/memory.py::ContrastMemory.forward``::
+
+        score_bk = exp(⟨m_bk, v_b⟩ / T)        → [B, K+1]
+
+    ``anchor`` ``[B, D]`` is one network's L2-normalised embedding; ``memory_rows`` ``[B, K+1, D]``
+    are the *other* network's memory rows for the positive (column 0) and the K negatives, and
+    get no gradient."""
+    with _no_autocast(anchor):
+        v = _acc(anchor)
+        rows = _acc(memory_rows).detach()
+        return torch.exp(torch.bmm(rows, v.unsqueeze(2)).squeeze(2) / temperature)
+
+
+def crd_nce_loss(scores: torch.Tensor, normalizer: torch.Tensor | float, num_samples: int,
+                 eps: float = 1e-7) -> torch.Tensor:
+    """CRD's NCE loss, ``crd/criterion.py::ContrastLoss`` (the paper's Eq. 18)::
+
+        P = score / Z,   m = K (negatives per positive),   P_n = 1 / N (uniform noise)
+        L = −(1/B) Σ_b [ log(P_b0 / (P_b0 + m·P_n + eps)) + Σ_k log(m·P_n / (P_bk + m·P_n + eps)) ]
+
+    ``scores`` ``[B, K+1]`` from ``crd_scores`` (positive first); ``normalizer`` Z is the constant
+    that RepDistiller fixes at the first step (mean score × N); ``num_samples`` is N."""
+    with _no_autocast(scores):
+        p = _acc(scores) / normalizer
+        noise = (p.shape[1] - 1) / num_samples
+        log_pos = torch.log(p[:, 0] / (p[:, 0] + noise + eps))
+        log_neg = torch.log(noise / (p[:, 1:] + noise + eps))
+        return -(log_pos.sum() + log_neg.sum()) / p.shape[0]

@@ -252,6 +252,277 @@ def test_pskd_errors():
 
 
 # ------------------------------------------------------------------------------------------------
+# mixed targets: pskd_loss with lam/partner/smoothing, and mixup_cross_entropy (no memory)
+# ------------------------------------------------------------------------------------------------
+def _double(x):
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def check_mixed(z, labels, mixing, memory=None, index=None, alpha=0.0, reduction="batchmean"):
+    """Kernel vs float64 reference, through ``pskd_loss`` with a memory or ``mixup_cross_entropy``
+    without: loss, gradient (grad_output != 1), inputs intact."""
+    z = z.detach().requires_grad_()
+    z0 = z.detach().clone()
+    z64 = z.detach().double().requires_grad_()
+    mixing64 = {k: _double(v) for k, v in mixing.items()}
+    if memory is None:
+        loss = skd_kernels.mixup_cross_entropy(z, labels, reduction, **mixing)
+        ref = reference.mixup_cross_entropy(z64, labels, reduction, **mixing64)
+    else:
+        memory0 = memory.clone()
+        loss = skd_kernels.pskd_loss(z, labels, memory, index, alpha, reduction, **mixing)
+        ref = reference.pskd_loss(z64, labels, memory.double(), index, _double(alpha), reduction,
+                                  **mixing64)
+        assert torch.equal(memory, memory0)
+    assert loss.dtype == torch.float32
+    weight_rows(loss, reduction, z.shape[0]).backward()
+    weight_rows(ref, reduction, z.shape[0]).backward()
+    assert_close(loss, ref, LOSS_TOL)
+    assert z.grad.dtype == z.dtype
+    assert_close(z.grad, z64.grad, GRAD_TOL[z.dtype])
+    assert torch.equal(z.detach(), z0)
+
+
+def mixing_args(B, lam=0.3, smoothing=0.1, flip=True):
+    """timm's batch-mode pairing (row i with row B−1−i) or a random permutation."""
+    partner = torch.arange(B, device=DEVICE).flip(0) if flip else torch.randperm(B, device=DEVICE)
+    return dict(lam=lam, partner=partner, smoothing=smoothing)
+
+
+@pytest.mark.parametrize("with_memory", [False, True], ids=["no-memory", "memory"])
+@pytest.mark.parametrize("B,C", [(1, 1), (1, 7), (37, 1000), (5, 1031), (2, 21841)])
+def test_mixed_target_shapes(B, C, with_memory):
+    z, labels, memory, index = pskd_inputs(B, C, torch.float32, torch.float16)
+    if with_memory:
+        check_mixed(z, labels, mixing_args(B), memory, index, 0.35)
+    else:
+        check_mixed(z, labels, mixing_args(B))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scalars", ["float", "tensor"])
+@pytest.mark.parametrize("with_memory", [False, True], ids=["no-memory", "memory"])
+def test_mixed_target_dtypes_and_tensor_scalars(dtype, scalars, with_memory):
+    """λ, ε (and α) as Python numbers or as 0-dim tensors on the device; a random pairing."""
+    B, C = 13, 1001
+    z, labels, memory, index = pskd_inputs(B, C, dtype, torch.bfloat16)
+    lam, eps, alpha = 0.62, 0.1, 0.35
+    if scalars == "tensor":
+        lam, eps, alpha = (torch.tensor(v, device=DEVICE) for v in (lam, eps, alpha))
+    mixing = mixing_args(B, lam, eps, flip=False)
+    if with_memory:
+        check_mixed(z, labels, mixing, memory, index, alpha, "none")
+    else:
+        check_mixed(z, labels, mixing, reduction="none")
+
+
+@pytest.mark.parametrize("lam, smoothing", [(0.0, 0.0), (1.0, 0.0), (0.5, 1.0), (0.25, 0.3)])
+def test_mixed_target_edge_weights(lam, smoothing):
+    """λ at 0 and 1, ε = 1 (a uniform target), pairs with equal labels."""
+    B, C = 8, 50
+    z, labels, memory, index = pskd_inputs(B, C, torch.float32, torch.float32)
+    labels[B - 1] = labels[0]  # row 0 and its partner share a label
+    mixing = mixing_args(B, lam, smoothing)
+    check_mixed(z, labels, mixing, memory, index, 0.6, "none")
+    check_mixed(z, labels, mixing, reduction="none")
+
+
+def test_mixed_target_multi_block_rows_and_strides(monkeypatch):
+    """Rows wider than one block (here 128 columns); logits with a row stride; probs_out."""
+    monkeypatch.setattr(_dispatch, "MAX_BLOCK_C", 128)
+    B, C = 6, 1031
+    _, labels, memory, index = pskd_inputs(B, C, torch.float32, torch.bfloat16)
+    z = logits(B, C + 9, torch.bfloat16)[:, 4:4 + C]
+    mixing = mixing_args(B, torch.tensor(0.4, device=DEVICE), 0.1, flip=False)
+    check_mixed(z, labels, mixing, memory, index, 0.5, "none")
+    check_mixed(z, labels, mixing)
+    probs = torch.zeros(B, C, dtype=torch.float32, device=DEVICE)
+    skd_kernels.pskd_loss(z, labels, memory, index, 0.5, probs_out=probs, **mixing)
+    torch.testing.assert_close(probs.double().cpu(), torch.softmax(z.double(), -1).cpu(),
+                               rtol=2e-6, atol=2e-6)
+
+
+def test_unmixed_defaults_are_todays_pskd_loss():
+    """λ = 1 with a partner, ε = 0: the plain PS-KD target; no memory and α = 0: plain CE."""
+    B, C = 9, 300
+    z, labels, memory, index = pskd_inputs(B, C, torch.float32, torch.float16)
+    plain = skd_kernels.pskd_loss(z, labels, memory, index, 0.4, "none")
+    mixed = skd_kernels.pskd_loss(z, labels, memory, index, 0.4, "none", **mixing_args(B, 1.0, 0.0))
+    assert_close(mixed, plain, 1e-6)
+    ce = torch.nn.functional.cross_entropy(z.double(), labels, reduction="none")
+    assert_close(skd_kernels.mixup_cross_entropy(z, labels, "none"), ce, LOSS_TOL)
+    smoothed = torch.nn.functional.cross_entropy(z.double(), labels, reduction="none",
+                                                 label_smoothing=0.1)
+    assert_close(skd_kernels.mixup_cross_entropy(z, labels, "none", smoothing=0.1), smoothed, LOSS_TOL)
+
+
+def test_mixup_reference_is_timms_mixup_target():
+    """The oracle itself: with timm's pairing (flip) the reference target is timm's
+    ``mixup_target``, checked through the loss against an independent float64 computation."""
+    from timm.data.mixup import mixup_target
+
+    B, C = 10, 23
+    z = logits(B, C, torch.float64)
+    labels = torch.randint(0, C, (B,), device=DEVICE)
+    target = mixup_target(labels, C, lam=0.37, smoothing=0.1).double()  # built in fp32 by timm
+    expected = -(target * torch.log_softmax(z, -1)).sum(-1)
+    got = reference.mixup_cross_entropy(z, labels, "none", **mixing_args(B, 0.37, 0.1))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_mixed_target_errors():
+    z, labels, memory, index = pskd_inputs(4, 10, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="pass partner too"):
+        skd_kernels.mixup_cross_entropy(z, labels, lam=0.5)
+    with pytest.raises(ValueError, match="pass partner too"):
+        skd_kernels.pskd_loss(z, labels, memory, index, 0.5, lam=torch.tensor(0.5, device=DEVICE))
+    with pytest.raises(ValueError, match="partner must be"):
+        skd_kernels.pskd_loss(z, labels, memory, index, 0.5, lam=0.5, partner=index[:3])
+    with pytest.raises(ValueError, match="smoothing"):
+        skd_kernels.mixup_cross_entropy(z, labels, smoothing=1.5)
+
+
+def test_mixed_target_traces_without_graph_break():
+    """Dynamo traces both mixed losses with tensor λ and ε, forward and backward, in one graph."""
+    B, C = 8, 40
+    z, labels, memory, index = pskd_inputs(B, C, torch.float32, torch.float16)
+    mixing = mixing_args(B, torch.tensor(0.3, device=DEVICE), torch.tensor(0.1, device=DEVICE))
+
+    def step(z):
+        return (skd_kernels.mixup_cross_entropy(z, labels, **mixing)
+                + skd_kernels.pskd_loss(z, labels, memory, index, 0.4, **mixing))
+
+    z_eager, z_comp = z.detach().requires_grad_(), z.detach().requires_grad_()
+    eager = step(z_eager)
+    eager.backward()
+    loss = torch.compile(step, backend="aot_eager", fullgraph=True)(z_comp)
+    loss.backward()
+    assert_close(loss, eager, 1e-6)
+    assert_close(z_comp.grad, z_eager.grad, 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# pskd_topk_loss
+# ------------------------------------------------------------------------------------------------
+VALUES_TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}  # output rounding
+
+
+def check_pskd_topk(z, labels, values, ids, index, alpha, reduction="batchmean", rest="spread"):
+    """Kernel vs float64 reference: loss, gradient (grad_output != 1), memory and logits intact,
+    and the written rows are the k largest probabilities of softmax(z), largest first, at k
+    distinct classes."""
+    z = z.detach().requires_grad_()
+    z0, values0, ids0 = z.detach().clone(), values.clone(), ids.clone()
+    B, k = z.shape[0], values.shape[1]
+    values_out = torch.full((B, k), float("nan"), dtype=values.dtype, device=z.device)
+    ids_out = torch.full((B, k), -1, dtype=torch.int32, device=z.device)
+    loss = skd_kernels.pskd_topk_loss(z, labels, values, ids, index, alpha, reduction, rest=rest,
+                                      values_out=values_out, ids_out=ids_out)
+    assert loss.dtype == torch.float32
+    weight_rows(loss, reduction, B).backward()
+
+    z64 = z.detach().double().requires_grad_()
+    alpha64 = alpha.double() if isinstance(alpha, torch.Tensor) else alpha
+    ref = reference.pskd_topk_loss(z64, labels, values.double(), ids, index, alpha64, reduction,
+                                   rest=rest)
+    weight_rows(ref, reduction, B).backward()
+
+    assert_close(loss, ref, LOSS_TOL)
+    assert z.grad.dtype == z.dtype
+    assert_close(z.grad, z64.grad, GRAD_TOL[z.dtype])
+    probs64 = torch.softmax(z64.detach(), -1).cpu()
+    top64 = probs64.topk(k, dim=-1).values
+    tol = VALUES_TOL[values.dtype]
+    torch.testing.assert_close(values_out.double().cpu(), top64, rtol=tol, atol=tol)
+    torch.testing.assert_close(probs64.gather(1, ids_out.long().cpu()), top64, rtol=1e-6, atol=1e-12)
+    assert all(len(set(row)) == k for row in ids_out.tolist())
+    assert torch.equal(values, values0) and torch.equal(ids, ids0) and torch.equal(z.detach(), z0)
+
+
+def topk_inputs(B, C, dtype, values_dtype, k, N=64):
+    """Top-k rows of random softmaxes; row 0 never written (zeros), and read by the batch."""
+    probs = torch.softmax(torch.randn(N, C, device=DEVICE) * 2, -1)
+    values, ids = probs.topk(k, dim=-1)
+    values, ids = values.to(values_dtype), ids.int()
+    values[0] = 0.0
+    index = torch.randint(0, N, (B,), device=DEVICE)
+    index[0] = 0
+    index[-1] = index[B // 2]  # a duplicate index (B = 1: the unwritten row twice)
+    return logits(B, C, dtype), torch.randint(0, C, (B,), device=DEVICE), values, ids, index
+
+
+@pytest.mark.parametrize("values_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,C,k", [(1, 1, 1), (1, 7, 3), (37, 1000, 16), (5, 1031, 5), (2, 21841, 32)])
+def test_pskd_topk_shapes_and_memory_dtypes(B, C, k, values_dtype):
+    check_pskd_topk(*topk_inputs(B, C, torch.float32, values_dtype, k), 0.35)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 0.35, "tensor"])
+@pytest.mark.parametrize("rest", ["spread", "renormalize"])
+def test_pskd_topk_rest_alpha_and_logit_dtypes(rest, alpha, dtype):
+    if alpha == "tensor":
+        alpha = torch.tensor(0.35, device=DEVICE)
+    check_pskd_topk(*topk_inputs(13, 1001, dtype, torch.float16, 7), alpha, "none", rest)
+
+
+@pytest.mark.parametrize("rest", ["spread", "renormalize"])
+def test_pskd_topk_multi_block_rows_and_strides(monkeypatch, rest):
+    """Rows wider than one block (here 128 columns), k = 20 (not a power of 2), logits and outputs
+    with a row stride."""
+    monkeypatch.setattr(_dispatch, "MAX_BLOCK_C", 128)
+    B, C, k = 6, 1031, 20
+    _, labels, values, ids, index = topk_inputs(B, C, torch.float32, torch.float32, k)
+    z = logits(B, C + 9, torch.bfloat16)[:, 4:4 + C]
+    check_pskd_topk(z, labels, values, ids, index, 0.5, "none", rest)
+    out = torch.zeros(B, 2 * k, dtype=torch.float16, device=DEVICE)
+    out_ids = torch.zeros(B, 2 * k, dtype=torch.int32, device=DEVICE)
+    skd_kernels.pskd_topk_loss(z, labels, values, ids, index, 0.5, rest=rest,
+                               values_out=out[:, :k], ids_out=out_ids[:, :k])
+    assert not out[:, k:].any() and not out_ids[:, k:].any()  # nothing beyond the views
+    top = torch.softmax(z.double(), -1).topk(k)
+    torch.testing.assert_close(out[:, :k].double(), top.values, rtol=1e-3, atol=1e-3)
+
+
+def test_pskd_topk_every_class_kept_ties_and_extreme_logits():
+    """k = C: no other class to spread over. A flat row: k distinct classes of probability 1/C.
+    Logits of ±1e4."""
+    B, C = 4, 12
+    z, labels, values, ids, index = topk_inputs(B, C, torch.float32, torch.float32, C)
+    values[1:] = values[1:] * 0.9  # rest 0.1 with no class left to take it
+    check_pskd_topk(z, labels, values, ids, index, 0.6, "none")
+    z, labels, values, ids, index = topk_inputs(B, 300, torch.float32, torch.float16, 8)
+    z[1] = 2.5
+    z[2] = (z[2] * 1e4 / 3).clamp(-1e4, 1e4)
+    check_pskd_topk(z, labels, values, ids, index, 0.6, "none", "renormalize")
+
+
+def test_pskd_topk_memory_write_before_backward_is_an_error():
+    z, labels, values, ids, index = topk_inputs(4, 10, torch.float32, torch.float16, 3)
+    z.requires_grad_()
+    loss = skd_kernels.pskd_topk_loss(z, labels, values, ids, index, 0.5)
+    values[index] = 0.0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_pskd_topk_errors():
+    z, labels, values, ids, index = topk_inputs(4, 10, torch.float32, torch.float16, 3)
+    call = skd_kernels.pskd_topk_loss
+    with pytest.raises(ValueError, match="both be"):
+        call(z, labels, values, ids[:, :2], index, 0.5)
+    with pytest.raises(ValueError, match="k = 11"):
+        call(z, labels, torch.zeros(64, 11, device=DEVICE), torch.zeros(64, 11, dtype=torch.int32,
+                                                                          device=DEVICE), index, 0.5)
+    with pytest.raises(ValueError, match="go together"):
+        call(z, labels, values, ids, index, 0.5, values_out=torch.empty(4, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="int32"):
+        call(z, labels, values, ids.long(), index, 0.5)
+    with pytest.raises(ValueError, match="rest"):
+        call(z, labels, values, ids, index, 0.5, rest="drop")
+
+
+# ------------------------------------------------------------------------------------------------
 # dispatch, compilation and tracing
 # ------------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = """
@@ -260,9 +531,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-FLOATS = {"inv_T", "kl_scale", "kl_coef", "ce_weight", "alpha"}
+FLOATS = {"inv_T", "kl_scale", "kl_coef", "ce_weight", "alpha", "lam", "eps"}
 LOW = {"s_ptr": "*bf16", "t_ptr": "*fp16", "ds_ptr": "*bf16", "z_ptr": "*bf16", "dz_ptr": "*bf16",
-       "mem_ptr": "*fp16", "p_ptr": "*bf16", "y_ptr": "*i64", "idx_ptr": "*i32"}
+       "mem_ptr": "*fp16", "p_ptr": "*bf16", "y_ptr": "*i64", "idx_ptr": "*i32",
+       "partner_ptr": "*i64", "mv_ptr": "*fp16", "mi_ptr": "*i32", "ov_ptr": "*fp16", "oi_ptr": "*i32"}
 
 def compile_sm90(module, kernel, **constexprs):
     fn = getattr(importlib.import_module(module), kernel)
@@ -275,10 +547,22 @@ tile = dict(BLOCK_B=2, BLOCK_C=256)
 compile_sm90("skd_kernels.softmax_kl", "_softmax_kl_fwd_kernel", HAS_LABELS=True, CE_OWN_LSE=True,
              **tile)
 compile_sm90("skd_kernels.softmax_kl", "_softmax_kl_bwd_kernel", HAS_LABELS=True, **tile)
-for single in (True, False):
-    compile_sm90("skd_kernels.pskd", "_pskd_fwd_kernel", ALPHA_IS_TENSOR=single, WRITE_PROBS=True,
-                 SINGLE_BLOCK=single, **tile)
-compile_sm90("skd_kernels.pskd", "_pskd_bwd_kernel", ALPHA_IS_TENSOR=True, **tile)
+for single in (True, False):  # PS-KD with a mixed target / Mixup CE without a memory
+    scalars = dict(ALPHA_IS_TENSOR=single, LAM_IS_TENSOR=single, EPS_IS_TENSOR=not single)
+    compile_sm90("skd_kernels.pskd", "_pskd_fwd_kernel", HAS_MEMORY=single, HAS_PARTNER=True,
+                 WRITE_PROBS=single, SINGLE_BLOCK=single, **scalars, **tile)
+    compile_sm90("skd_kernels.pskd", "_pskd_bwd_kernel", HAS_MEMORY=single, HAS_PARTNER=True,
+                 **scalars, **tile)
+compile_sm90("skd_kernels.pskd", "_pskd_fwd_kernel", HAS_MEMORY=True, HAS_PARTNER=False,
+             ALPHA_IS_TENSOR=True, LAM_IS_TENSOR=False, EPS_IS_TENSOR=False, WRITE_PROBS=True,
+             SINGLE_BLOCK=False, **tile)
+compile_sm90("skd_kernels.pskd", "_pskd_bwd_kernel", HAS_MEMORY=True, HAS_PARTNER=False,
+             ALPHA_IS_TENSOR=True, LAM_IS_TENSOR=False, EPS_IS_TENSOR=False, **tile)
+for spread in (True, False):
+    compile_sm90("skd_kernels.pskd_topk", "_pskd_topk_fwd_kernel", ALPHA_IS_TENSOR=spread,
+                 REST_SPREAD=spread, WRITE_TOPK=True, BLOCK_K=32, **tile)
+    compile_sm90("skd_kernels.pskd_topk", "_pskd_topk_bwd_kernel", ALPHA_IS_TENSOR=spread,
+                 REST_SPREAD=spread, BLOCK_K=16, **tile)
 """
 
 
@@ -354,6 +638,37 @@ def test_traces_without_graph_break():
     assert_close(loss, step(z.detach(), probs_eager.clone()), 1e-6)
     assert_close(z_comp.grad, z_eager.grad, 1e-6)
     assert torch.equal(probs, probs_eager)
+
+
+def test_pskd_topk_traces_without_graph_break():
+    """Dynamo traces the top-k loss with its outputs, forward and backward, in one graph."""
+    z, labels, values, ids, index = topk_inputs(8, 40, torch.float32, torch.float16, 5)
+    alpha = torch.tensor(0.4, device=DEVICE)
+    out_eager = (torch.empty(8, 5, dtype=torch.float16, device=DEVICE),
+                 torch.empty(8, 5, dtype=torch.int32, device=DEVICE))
+    out_comp = (torch.empty_like(out_eager[0]), torch.empty_like(out_eager[1]))
+
+    def step(z, out):
+        return skd_kernels.pskd_topk_loss(z, labels, values, ids, index, alpha,
+                                          values_out=out[0], ids_out=out[1])
+
+    z_eager, z_comp = z.detach().requires_grad_(), z.detach().requires_grad_()
+    step(z_eager, out_eager).backward()
+    loss = torch.compile(step, backend="aot_eager", fullgraph=True)(z_comp, out_comp)
+    loss.backward()
+    assert_close(z_comp.grad, z_eager.grad, 1e-6)
+    assert torch.equal(out_comp[0], out_eager[0]) and torch.equal(out_comp[1], out_eager[1])
+
+
+def test_pskd_topk_cpu_without_interpreter_takes_reference(monkeypatch):
+    monkeypatch.setattr(_dispatch, "INTERPRET", False)
+    monkeypatch.setattr(importlib.import_module("skd_kernels.pskd_topk"), "_forward",
+                        lambda *a, **k: pytest.fail("a Triton launcher ran for CPU tensors"))
+    z, labels = torch.randn(3, 7), torch.tensor([0, 6, 2])
+    values, ids = torch.softmax(torch.randn(5, 7), -1).topk(2)
+    index = torch.tensor([4, 4, 1])
+    assert torch.equal(skd_kernels.pskd_topk_loss(z, labels, values, ids.int(), index, 0.3),
+                       reference.pskd_topk_loss(z, labels, values, ids, index, 0.3))
 
 
 @pytest.mark.skipif(not _dispatch.INTERPRET, reason="--smoke runs under TRITON_INTERPRET=1")

@@ -1,4 +1,4 @@
-"""skd.losses against independent float64 computations written here (METHODS.md §1-7).
+"""skd.losses against independent float64 computations written here (docs/methods.md §1-7).
 
 Every loss is compared in value and in gradient with a reference that follows the official code
 line by line (or an explicit per-row loop), never with skd.losses internals. Inputs are fp32, as
@@ -150,7 +150,7 @@ def test_tfkd_reg_loss_uses_kldivloss_mean_reduction():
 
 
 def test_tfkd_reg_virtual_teacher_is_nearly_uniform():
-    # METHODS §4.1: C = 100, T = 20 gives q_gt = 0.01050, q_other = 0.009995. At alpha = 1 the
+    # docs/methods.md §4.1: C = 100, T = 20 gives q_gt = 0.01050, q_other = 0.009995. At alpha = 1 the
     # loss is m·KL_mean(q ‖ softmax(z)); with z = log q it is 0, so q is the minimiser.
     q_gt = math.exp(0.99 / 20) / (math.exp(0.99 / 20) + 99 * math.exp(0.01 / 99 / 20))
     assert q_gt == pytest.approx(0.01050, abs=5e-6)

@@ -1,4 +1,4 @@
-"""PS-KD semantics (METHODS.md §3): α schedule, one-hot epoch 0, memory read before / written after."""
+"""PS-KD semantics (docs/methods.md §3): α schedule, one-hot epoch 0, memory read before / written after."""
 import pytest
 import torch
 import torch.nn.functional as F
