@@ -1,18 +1,20 @@
 """Temperature-scaled KL divergence between two softmaxes, with an optional fused hard-label CE.
 
-Layout (as Liger's ``ops/kl_div.py``): the ``@triton.jit`` kernels, their host launchers, the custom
-ops that make the launchers opaque to ``torch.compile``, the autograd Function, then the public
+Layout (as Liger's ``ops/kl_div.py``): the ``@triton.jit`` kernels, their host launchers, the
+autograd Function over custom ops that make the launchers opaque to ``torch.compile`` (built by
+``skd_kernels._ops``, shared by every kernel), then the public
 function, which sends CPU tensors to ``skd_kernels.reference`` unless ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _dispatch, reference
+from . import _dispatch, _ops, reference
 
 __all__ = ["softmax_kl"]
 
@@ -146,7 +148,8 @@ def _softmax_kl_bwd_kernel(
 # ------------------------------------------------------------------------------------------------
 # host launchers
 # ------------------------------------------------------------------------------------------------
-def _forward(s_BC, t_BC, labels_B, temperature, ce_weight, kl_weight):
+def _forward(s_BC: torch.Tensor, t_BC: torch.Tensor, labels_B: Optional[torch.Tensor], temperature: float,
+             ce_weight: float, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, C = s_BC.shape
     loss_B = torch.empty(B, dtype=torch.float32, device=s_BC.device)
     stats_B3 = torch.empty(B, 3, dtype=torch.float32, device=s_BC.device)
@@ -164,7 +167,8 @@ def _forward(s_BC, t_BC, labels_B, temperature, ce_weight, kl_weight):
     return loss_B, stats_B3
 
 
-def _backward(grad_B, s_BC, t_BC, labels_B, stats_B3, temperature, ce_weight, kl_weight):
+def _backward(grad_B: torch.Tensor, s_BC: torch.Tensor, t_BC: torch.Tensor, labels_B: Optional[torch.Tensor],
+              temperature: float, ce_weight: float, kl_weight: float, stats_B3: torch.Tensor) -> torch.Tensor:
     B, C = s_BC.shape
     ds_BC = torch.empty((B, C), dtype=s_BC.dtype, device=s_BC.device)
     if B == 0:
@@ -180,67 +184,24 @@ def _backward(grad_B, s_BC, t_BC, labels_B, stats_B3, temperature, ce_weight, kl
     return ds_BC
 
 
-# Custom ops: torch.compile and CUDA graphs see one opaque call with a fake (shape-only) version.
-@torch.library.custom_op("skd_kernels::softmax_kl_fwd", mutates_args=())
-def _softmax_kl_fwd_op(s_BC: torch.Tensor, t_BC: torch.Tensor, labels_B: Optional[torch.Tensor],
-                       temperature: float, ce_weight: float, kl_weight: float
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(s_BC, t_BC, labels_B, temperature, ce_weight, kl_weight)
-
-
-@_softmax_kl_fwd_op.register_fake
-def _(s_BC, t_BC, labels_B, temperature, ce_weight, kl_weight):
-    B = s_BC.shape[0]
-    return s_BC.new_empty(B, dtype=torch.float32), s_BC.new_empty(B, 3, dtype=torch.float32)
-
-
-@torch.library.custom_op("skd_kernels::softmax_kl_bwd", mutates_args=())
-def _softmax_kl_bwd_op(grad_B: torch.Tensor, s_BC: torch.Tensor, t_BC: torch.Tensor,
-                       labels_B: Optional[torch.Tensor], stats_B3: torch.Tensor,
-                       temperature: float, ce_weight: float, kl_weight: float) -> torch.Tensor:
-    return _backward(grad_B, s_BC, t_BC, labels_B, stats_B3, temperature, ce_weight, kl_weight)
-
-
-@_softmax_kl_bwd_op.register_fake
-def _(grad_B, s_BC, t_BC, labels_B, stats_B3, temperature, ce_weight, kl_weight):
-    return torch.empty(s_BC.shape, dtype=s_BC.dtype, device=s_BC.device)
-
-
 # ------------------------------------------------------------------------------------------------
-# autograd
+# autograd (custom ops + Function, skd_kernels._ops)
 # ------------------------------------------------------------------------------------------------
-class SoftmaxKLFunction(torch.autograd.Function):
-    r"""Per-row loss, with ``a = s/T``, ``b = t/T``, ``q = softmax(a)``, ``p = softmax(b)``:
-
-        loss_i = kl_weight · T² · Σ_c p_c (log p_c − log q_c) + ce_weight · (lse(s_i) − s_{i,y_i})
-
-    (the CE term only with labels; it is taken at T = 1 on the raw student logits), and
-
-        ∂loss_i/∂s_i = kl_weight · T · (q − p)  +  ce_weight · (softmax(s_i) − onehot(y_i)).
-
-    The forward reads each row once (online max and sum), returns the fp32 row losses and saves
-    the three log-sum-exps of each row; the backward recomputes the gradient from the logits and
-    those, scaled by the incoming row gradient in fp32, and writes it to a new tensor in the
-    student's dtype. Recomputing moves as many bytes as saving the gradient when a row fits in one
-    block, fewer when it does not, and keeps no ``[B, C]`` buffer alive between the two passes.
-    The teacher gets no gradient; no input is ever written.
-    """
-
-    @staticmethod
-    def forward(ctx, s_BC, t_BC, labels_B, temperature, ce_weight, kl_weight):
-        loss_B, stats_B3 = _softmax_kl_fwd_op(s_BC, t_BC, labels_B, temperature, ce_weight,
-                                              kl_weight)
-        ctx.save_for_backward(s_BC, t_BC, labels_B, stats_B3)
-        ctx.hparams = (temperature, ce_weight, kl_weight)
-        return loss_B
-
-    @staticmethod
-    def backward(ctx, grad_B):
-        s_BC, t_BC, labels_B, stats_B3 = ctx.saved_tensors
-        ds_BC = None
-        if ctx.needs_input_grad[0]:
-            ds_BC = _softmax_kl_bwd_op(grad_B, s_BC, t_BC, labels_B, stats_B3, *ctx.hparams)
-        return ds_BC, None, None, None, None, None
+# Per-row loss, with ``a = s/T``, ``b = t/T``, ``q = softmax(a)``, ``p = softmax(b)``:
+#
+#     loss_i = kl_weight · T² · Σ_c p_c (log p_c − log q_c) + ce_weight · (lse(s_i) − s_{i,y_i})
+#
+# (the CE term only with labels; it is taken at T = 1 on the raw student logits), and
+#
+#     ∂loss_i/∂s_i = kl_weight · T · (q − p)  +  ce_weight · (softmax(s_i) − onehot(y_i)).
+#
+# The forward reads each row once (online max and sum), returns the fp32 row losses and saves
+# the three log-sum-exps of each row; the backward recomputes the gradient from the logits and
+# those, scaled by the incoming row gradient in fp32, and writes it to a new tensor in the
+# student's dtype. Recomputing moves as many bytes as saving the gradient when a row fits in one
+# block, fewer when it does not, and keeps no ``[B, C]`` buffer alive between the two passes.
+# The teacher gets no gradient; no input is ever written.
+SoftmaxKLFunction = _ops.fused_row_loss("softmax_kl", sys.modules[__name__], num_stats=3)
 
 
 # ------------------------------------------------------------------------------------------------
