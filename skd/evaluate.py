@@ -7,68 +7,97 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch import nn
 
 from safetensors.torch import load_file
 
 from skd.checkpoint import latest_checkpoint, load_checkpoint
 from skd.config import ConfigError, build_config, load_yaml, merge, parse_overrides
-from skd.data import DatasetInfo, create_loader, digits_shards
-from skd.metrics import SampleStats, sample_stats_from_log_probs, summarize
+from skd.data import CorruptDataError, DatasetInfo, resolve_shard_dir
+from skd.data.factory import create_data_loader
+from skd.metrics import Predictions, sample_stats_from_log_probs
 from skd.models.factory import create_model
-from skd.transforms import create_eval_transform
-
-
-def resolve_shard_dir(value: str, split: str, key: str) -> Path:
-    """A shard directory from the config: ``digits`` is the built-in demo data."""
-    if value == "digits":
-        return digits_shards() / split
-    if not value:
-        raise FileNotFoundError(f"config key '{key}' is not set: pass {key}=SHARD_DIR")
-    path = Path(value)
-    if not (path / "dataset.json").is_file():
-        raise FileNotFoundError(f"config key '{key}' = {value!r}: no dataset.json in {path} "
-                                f"(make shards with `skd shard` or index them with `skd shard --index-only`)")
-    return path
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, accelerator: Accelerator, channels_last: bool = False) -> dict[str, Any]:
-    """Metrics of ``model`` over every sample of ``loader``'s dataset, each counted once.
+def predict(model: nn.Module, loader: Any, accelerator: Accelerator, channels_last: bool = False,
+            max_corrupt_fraction: float = 1.0, with_probs: bool = False) -> Predictions:
+    """Per-sample predictions of ``model`` for every sample of ``loader``'s dataset, each once,
+    sorted by sample id, identical on every rank (``with_probs``: with all softmax probabilities).
 
-    Each rank evaluates its own disjoint part of the validation shards; per-sample statistics
-    (4 numbers per sample) are gathered, so every rank returns the same metrics.
+    Each rank evaluates its own disjoint part of the validation shards; six numbers per sample
+    (id, label, predicted class, confidence, top-5 hit, NLL) are gathered, plus C probabilities
+    with ``with_probs``. Sorting by id makes the metrics independent of the number of ranks. More
+    corrupt samples than ``max_corrupt_fraction`` of the dataset raise ``CorruptDataError``.
     """
     was_training = model.training
     model.eval()
-    rows = []
+    corrupt_before = loader.num_corrupt
+    rows, probs = [], []
     for batch in loader:
         images = batch["image"].to(accelerator.device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = batch["label"].to(accelerator.device, non_blocking=True)
+        index = batch["index"].to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
             logits = model(images)
-        stats = sample_stats_from_log_probs(logits.float().log_softmax(dim=1), labels)
-        rows.append(torch.cat([stats.stack(), torch.ones_like(labels, dtype=torch.float)[:, None]], 1))
-    local = torch.cat(rows) if rows else torch.zeros(0, 5, device=accelerator.device)
-    # Ranks may hold different numbers of samples: pad, gather, then drop the padding rows.
-    gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=0))
-    gathered = gathered[gathered[:, 4] > 0]
+        log_probs = logits.float().log_softmax(dim=1)
+        stats = sample_stats_from_log_probs(log_probs, labels)
+        pred = log_probs.max(dim=1).indices  # the same call as the statistics' correctness
+        # float64 holds the int64 ids, labels and classes exactly (below 2**53) and the float32
+        # statistics losslessly: one tensor, one gather.
+        rows.append(torch.stack([index, labels, pred, stats.confidence, stats.correct5, stats.nll], 1).double())
+        if with_probs:
+            probs.append(log_probs.exp())
+    local = torch.cat(rows) if rows else torch.zeros(0, 6, dtype=torch.float64, device=accelerator.device)
+    # Ranks may hold different numbers of samples: pad (id -1), gather, then drop the padding.
+    gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=0, pad_index=-1))
+    keep = gathered[:, 0] >= 0
+    order = gathered[keep, 0].argsort()
+    table = gathered[keep][order].cpu().numpy()
+    all_probs = None
+    if with_probs:
+        local_probs = (torch.cat(probs) if probs else
+                       torch.zeros(0, loader.info.num_classes, device=accelerator.device))
+        all_probs = accelerator.gather(accelerator.pad_across_processes(local_probs, dim=0))
+        all_probs = all_probs[keep][order].cpu().numpy()
     model.train(was_training)
-    return summarize(SampleStats.unstack(gathered[:, :4]))
+    corrupt = int(accelerator.reduce(torch.tensor([loader.num_corrupt - corrupt_before],
+                                                  device=accelerator.device), "sum").item())
+    if corrupt > max_corrupt_fraction * loader.info.num_samples:
+        raise CorruptDataError(f"{corrupt} of the {loader.info.num_samples} evaluation samples are corrupt "
+                               f"(more than data.max_corrupt_fraction={max_corrupt_fraction}); the warnings "
+                               f"above name them")
+    confidence = table[:, 3].astype(np.float32)
+    nll = table[:, 5].astype(np.float32)
+    return Predictions(index=table[:, 0].astype(np.int64), label=table[:, 1].astype(np.int64),
+                       pred=table[:, 2].astype(np.int64), confidence=confidence,
+                       true_prob=np.exp(-nll), nll=nll, in_top5=table[:, 4] > 0,
+                       num_corrupt=corrupt, probs=all_probs)
+
+
+def evaluate(model: nn.Module, loader: Any, accelerator: Accelerator, channels_last: bool = False,
+             max_corrupt_fraction: float = 1.0) -> dict[str, Any]:
+    """Metrics of ``model`` over every sample of ``loader``'s dataset, each counted once (see
+    ``predict``), and ``num_corrupt``: the samples skipped because their image did not decode."""
+    return predict(model, loader, accelerator, channels_last, max_corrupt_fraction).metrics()
 
 
 def format_table(metrics: dict[str, Any], title: str = "") -> str:
-    """The PS-KD README layout: top-1 err, top-5 err, NLL, ECE (%), AURC (×1000)."""
-    head = f"{'':<10}{'Top-1 Err':>10}{'Top-5 Err':>10}{'NLL':>8}{'ECE':>8}{'AURC':>9}{'E-AURC':>9}"
+    """The PS-KD README layout: top-1 err, top-5 err, NLL, ECE (%), AURC, E-AURC (×1000); a row
+    for the model (the last epoch), its EMA and the best epoch when ``metrics`` has them."""
+    head = (f"{'':<14}{'Top-1 Err':>10}{'Top-5 Err':>10}{'NLL':>9}{'ECE':>8}{'AURC':>9}{'E-AURC':>9}")
     lines = [title, head] if title else [head]
     rows = [("model", metrics)] + ([("ema", metrics["ema"])] if "ema" in metrics else [])
+    if "best" in metrics:
+        rows.append((f"best (ep {metrics['best']['epoch']})", metrics["best"]))
     for name, m in rows:
-        lines.append(f"{name:<10}{100 - m['top1']:>10.2f}{100 - m['top5']:>10.2f}{m['nll']:>8.3f}"
-                     f"{m['ece']:>8.2f}{m['aurc']:>9.2f}{m['eaurc']:>9.2f}")
+        lines.append(f"{name:<14}{100 - m['top1']:>10.2f}{100 - m['top5']:>10.2f} {m['nll']:>8.3f}"
+                     f" {m['ece']:>7.2f} {m['aurc']:>8.2f} {m['eaurc']:>8.2f}")
     return "\n".join(lines)
 
 
@@ -78,24 +107,37 @@ def main(argv: list[str] | None = None) -> int:
         "weights (.safetensors, with config.yaml beside it) on its validation shards.")
     parser.add_argument("target", help="run directory, checkpoint file or model.safetensors")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.val=DIR data.eval_batch_size=256")
+                        help="config overrides, e.g. data.val=DIR data.eval_batch_size=256 save_probs=true")
     parser.add_argument("--json", dest="json_out", help="also write the metrics to this file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--predictions", metavar="FILE",
+                        help="also write the per-sample predictions to this .npz file (the format of a "
+                             "run's predictions.npz; all probabilities too with save_probs=true)")
+    args = parser.parse_intermixed_args(argv)
 
     try:
-        metrics = evaluate_target(args.target, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
+        predictions = predict_target(args.target, args.overrides)
+    except (ConfigError, FileNotFoundError, CorruptDataError) as e:
         print(f"skd eval: error: {e}", file=sys.stderr)
         return 2
+    metrics = predictions.metrics()
     print(format_table(metrics, title=str(args.target)))
     print(json.dumps(metrics))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(metrics, indent=2) + "\n")
+    if PartialState().is_main_process:
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(metrics, indent=2) + "\n")
+        if args.predictions:
+            predictions.save(args.predictions)
     return 0
 
 
 def evaluate_target(target: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """Load the model of a run directory / checkpoint / safetensors file and evaluate it."""
+    return predict_target(target, overrides).metrics()
+
+
+def predict_target(target: str | Path, overrides: list[str] = ()) -> Predictions:
+    """The per-sample predictions of a run directory / checkpoint / safetensors file's model
+    (with all probabilities when the resolved config has ``save_probs``)."""
     target = Path(target)
     if target.is_dir():
         raw = load_yaml(target / "config.yaml")
@@ -125,9 +167,10 @@ def evaluate_target(target: str | Path, overrides: list[str] = ()) -> dict[str, 
     else:
         model.load_state_dict(load_file(weights_file))
     model.to(accelerator.device)
-    loader = create_loader(val_dir, train=False, transform=create_eval_transform(cfg.data),
-                           batch_size=max(1, (cfg.data.eval_batch_size or cfg.data.batch_size)
-                                          // accelerator.num_processes),
-                           rank=accelerator.process_index, world_size=accelerator.num_processes,
-                           num_workers=cfg.data.num_workers)
-    return evaluate(model, loader, accelerator, channels_last=cfg.model.channels_last)
+    loader = create_data_loader(cfg.data, val_dir, train=False,
+                                batch_size=max(1, (cfg.data.eval_batch_size or cfg.data.batch_size)
+                                               // accelerator.num_processes),
+                                rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                device=accelerator.device, channels_last=cfg.model.channels_last)
+    return predict(model, loader, accelerator, channels_last=cfg.model.channels_last,
+                   max_corrupt_fraction=cfg.data.max_corrupt_fraction, with_probs=cfg.save_probs)

@@ -1,19 +1,25 @@
-"""Classification and calibration metrics with the PS-KD conventions (METHODS.md §8).
+"""Classification and calibration metrics with the PS-KD conventions (docs/methods.md §8).
 
 Top-1/top-5 accuracy (%), NLL, ECE (10 equal-width bins, left-open right-closed, %), AURC and
 E-AURC (×1000). The public functions take softmax probabilities ``[N, C]``. They are built on
 per-sample statistics (confidence, correctness, NLL), which is also what distributed evaluation
-gathers across ranks: four numbers per sample instead of C.
+gathers across ranks: a few numbers per sample instead of C. ``Predictions`` holds them with the
+sample ids (the ``predictions.npz`` a run writes); ``calibration_bins`` and ``risk_coverage`` are
+the bins and the curve behind ECE and AURC, shared with the report's figures.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = ["topk_accuracy", "nll", "ece", "aurc", "eaurc", "classification_metrics",
-           "SampleStats", "sample_stats", "summarize"]
+           "SampleStats", "sample_stats", "sample_stats_from_log_probs", "summarize",
+           "CalibrationBins", "calibration_bins", "risk_coverage", "Predictions"]
 
 
 @dataclass
@@ -61,26 +67,66 @@ def sample_stats_from_log_probs(log_probs: torch.Tensor, labels: torch.Tensor) -
     return _stats(max_log_prob.exp(), pred, log_probs, log_probs.gather(1, labels[:, None]).squeeze(1), labels)
 
 
-def _ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
+@dataclass
+class CalibrationBins:
+    """The equal-width confidence bins of ECE: bin ``i`` holds ``lower[i] < confidence ≤ upper[i]``.
+
+    The edges are built exactly as PS-KD's official code builds them (``np.arange`` float edges,
+    so an upper edge may be ``0.30000000000000004``). ``ece`` and the reliability diagrams of
+    ``skd report`` both read these bins, so the picture and the number cannot disagree.
+    """
+
+    lower: np.ndarray
+    upper: np.ndarray
+    count: np.ndarray
+    """Samples in each bin (int64)."""
+    accuracy: np.ndarray
+    """Fraction correct in each bin; NaN where the bin is empty."""
+    confidence: np.ndarray
+    """Mean confidence in each bin; NaN where the bin is empty."""
+    num_samples: int
+    """All samples, the weight's denominator (a confidence of exactly 0 lies in no bin)."""
+
+    @property
+    def ece(self) -> float:
+        """Σ |accuracy − confidence| · count / num_samples over the non-empty bins, in %."""
+        err = 0.0
+        for n, acc, conf in zip(self.count, self.accuracy, self.confidence):
+            if n:
+                err += abs(acc - conf) * n / self.num_samples
+        return float(100.0 * err)
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> CalibrationBins:
+    """Per-sample confidence and correctness (1-D arrays) sorted into ``n_bins`` equal-width bins."""
+    confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64)
     bin_size = 1.0 / n_bins
-    total = len(confidence)
-    err = 0.0
-    # Bin edges built exactly as the official code builds them (np.arange float edges).
-    for upper in np.arange(bin_size, 1 + bin_size, bin_size)[:n_bins]:
-        in_bin = (confidence > upper - bin_size) & (confidence <= upper)
-        n = int(in_bin.sum())
-        if n:
-            err += abs(correct[in_bin].mean() - confidence[in_bin].mean()) * n / total
-    return float(100.0 * err)
+    upper = np.arange(bin_size, 1 + bin_size, bin_size)[:n_bins]
+    lower = upper - bin_size
+    count = np.zeros(n_bins, dtype=np.int64)
+    accuracy, mean_conf = np.full(n_bins, np.nan), np.full(n_bins, np.nan)
+    for i in range(n_bins):
+        in_bin = (confidence > lower[i]) & (confidence <= upper[i])
+        count[i] = in_bin.sum()
+        if count[i]:
+            accuracy[i], mean_conf[i] = correct[in_bin].mean(), confidence[in_bin].mean()
+    return CalibrationBins(lower, upper, count, accuracy, mean_conf, len(confidence))
+
+
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The risk–coverage curve that AURC integrates: samples taken by confidence, highest first;
+    at coverage k/N the risk is the error rate of those k samples. Returns (coverage, risk)."""
+    confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    n = len(confidence)
+    order = np.argsort(confidence)[::-1]
+    risk = np.cumsum(1.0 - correct[order]) / np.arange(1, n + 1)
+    return np.arange(1, n + 1) / n, risk
 
 
 def _aurc_pair(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
     n = len(confidence)
-    order = np.argsort(confidence)[::-1]
-    errors = 1.0 - correct[order]
-    risk = np.cumsum(errors) / np.arange(1, n + 1)
-    aurc_value = float(risk.mean())
-    r = int(round(errors.sum()))
+    aurc_value = float(risk_coverage(confidence, correct)[1].mean())
+    r = int(round(n - correct.sum()))
     k = np.arange(1, r + 1)
     optimal = float((k / (n - r + k)).sum() / n)
     return 1000.0 * aurc_value, 1000.0 * (aurc_value - optimal)
@@ -95,11 +141,78 @@ def summarize(stats: SampleStats, n_bins: int = 10) -> dict[str, float]:
         "top1": 100.0 * float(correct.mean()),
         "top5": 100.0 * float(stats.correct5.double().mean()),
         "nll": float(stats.nll.double().mean()),
-        "ece": _ece(conf, correct, n_bins),
+        "ece": calibration_bins(conf, correct, n_bins).ece,
         "aurc": aurc_value,
         "eaurc": eaurc_value,
         "num_samples": len(conf),
     }
+
+
+@dataclass
+class Predictions:
+    """Per-sample results of one evaluation, sorted by sample id: the content of ``predictions.npz``.
+
+    Every array has one entry per evaluated sample (corrupt samples have none). ``metrics()``
+    recomputes exactly the metrics the evaluation reported, from these arrays alone.
+    """
+
+    index: np.ndarray
+    """Global sample id (int64), ascending, each once."""
+    label: np.ndarray
+    """True class (int64)."""
+    pred: np.ndarray
+    """Predicted class, the argmax (int64)."""
+    confidence: np.ndarray
+    """Max softmax probability (float32)."""
+    true_prob: np.ndarray
+    """Softmax probability of the true class (float32)."""
+    nll: np.ndarray
+    """−log p(true class) from the log-softmax (float32): exact where ``true_prob`` underflows."""
+    in_top5: np.ndarray
+    """The true class is among the 5 most probable (bool; all classes when there are fewer)."""
+    num_corrupt: int = 0
+    """Samples skipped because their image did not decode."""
+    probs: np.ndarray | None = None
+    """All softmax probabilities ``[N, C]`` (float32), when asked for."""
+
+    FIELDS = ("index", "label", "pred", "confidence", "true_prob", "nll", "in_top5")
+
+    def stats(self) -> SampleStats:
+        return SampleStats(confidence=_float32(self.confidence), correct=_float32(self.pred == self.label),
+                           correct5=_float32(self.in_top5), nll=_float32(self.nll))
+
+    def metrics(self, n_bins: int = 10) -> dict[str, Any]:
+        """The evaluation's metrics (``summarize``) and ``num_corrupt``."""
+        return {**summarize(self.stats(), n_bins), "num_corrupt": self.num_corrupt}
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path`` (an ``.npz``) through a temporary file, so it is whole or absent."""
+        path = Path(path)
+        arrays = {k: getattr(self, k) for k in self.FIELDS}
+        arrays["num_corrupt"] = np.int64(self.num_corrupt)
+        if self.probs is not None:
+            arrays["probs"] = self.probs
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> Predictions:
+        with np.load(path) as data:
+            missing = [k for k in (*cls.FIELDS, "num_corrupt") if k not in data]
+            if missing:
+                raise ValueError(f"{path}: not a predictions file (no {', '.join(missing)})")
+            return cls(**{k: data[k] for k in cls.FIELDS}, num_corrupt=int(data["num_corrupt"]),
+                       probs=data["probs"] if "probs" in data else None)
+
+
+def _float32(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=np.float32))
 
 
 def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -116,7 +229,7 @@ def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
 def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> float:
     """Expected calibration error in %, 10 equal-width bins, membership lower < conf ≤ upper."""
     s = sample_stats(probs, labels)
-    return _ece(s.confidence.double().numpy(), s.correct.double().numpy(), n_bins)
+    return calibration_bins(s.confidence.double().numpy(), s.correct.double().numpy(), n_bins).ece
 
 
 def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:

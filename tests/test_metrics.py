@@ -1,4 +1,4 @@
-"""skd.metrics against hand-computed values (PS-KD conventions, METHODS.md §8)."""
+"""skd.metrics against hand-computed values (PS-KD conventions, docs/methods.md §8)."""
 import math
 
 import pytest
