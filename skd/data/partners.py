@@ -1,8 +1,8 @@
-"""CS-KD partner drawing (METHODS.md §2.2, ``alinlab/cs-kd`` ``PairBatchSampler``).
+"""CS-KD partner drawing (docs/methods.md §2.2, ``alinlab/cs-kd`` ``PairBatchSampler``).
 
 For every anchor, a partner uniform over **all** training samples of the anchor's class: with
 replacement, independently per anchor, the anchor itself possible (probability 1/n_c).
-``exclude_self`` is the opt-in clean variant (METHODS.md §10): uniform over the class's *other*
+``exclude_self`` is the opt-in clean variant (docs/methods.md §10): uniform over the class's *other*
 samples (a class with a single sample still pairs it with itself, having no other).
 """
 from __future__ import annotations
