@@ -1,16 +1,29 @@
-"""The ``skd`` command: ``skd train``, ``skd eval``, ``skd shard``."""
+"""The ``skd`` command: ``train``, ``eval``, ``config``, ``report``, ``shard``, ``convert``."""
 from __future__ import annotations
 
+import importlib
 import sys
 
-USAGE = """usage: skd {train,eval,shard} ...
+USAGE = """usage: skd {train,eval,config,report,shard,convert} ...
 
-  skd train [--config FILE] [key=value ...]   train (no config: the embedded CPU demo)
+  skd train [--config FILE] [key=value ...]   train (no config: the embedded CPU demo);
+                                                `skd train --help` lists every config key
   skd eval RUN_DIR|CHECKPOINT [key=value ...]  evaluate a run, checkpoint or exported model
-  skd shard IMAGE_FOLDER OUT_DIR [options]      write WebDataset shards + dataset.json
+  skd config [--config FILE] [key=value ...]   print the resolved configuration as YAML
+  skd report RUN_DIR... [--out DIR] [--group-by seed]
+                                                compare runs: table (Markdown, CSV), PNG figures
+  skd shard INPUT OUT_DIR [options]             write WebDataset shards + dataset.json from an image
+                                                folder, a CIFAR binary archive or TinyImageNet
   skd shard --index-only SHARD_DIR              index shards made elsewhere
+  skd convert mmcls IN_FILE OUT.safetensors --model TIMM_NAME
+                                                mmcls / mmpretrain checkpoint -> timm names
 
 Run `skd COMMAND --help` for the options of a command."""
+
+
+COMMANDS = {"train": "skd.train", "eval": "skd.evaluate", "config": "skd.config_docs",
+            "shard": "skd.data.shard_cmd", "convert": "skd.convert", "report": "skd.report"}
+"""Each command is the ``main(argv) -> int`` of its module, imported only when it runs."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,16 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from skd.train import main as run
-    elif command == "eval":
-        from skd.evaluate import main as run
-    elif command == "shard":
-        from skd.data.shard_cmd import main as run
-    else:
+    if command not in COMMANDS:
         print(f"skd: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    return run(rest)
+    return importlib.import_module(COMMANDS[command]).main(rest)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """``skd train``: build the components from the config, then a short loop over them.
 
 The loop knows nothing method-specific: it calls ``method(batch)`` for the loss, steps the
-optimizer, and calls ``method.after_step``. Host synchronisation happens only on logging steps,
-at epoch ends and before checkpoints; NaN detection and stop signals are checked there.
+optimizer, and calls ``method.after_step``. The host waits for the device only on logging steps
+(losses, NaN check), at epoch ends and before checkpoints, and, one step late, for a tiny
+all-reduce of the stop flag and the corrupt-sample count that every optimizer step launches.
 """
 from __future__ import annotations
 
@@ -10,35 +11,46 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import save_file
-from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from skd.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, rng_state,
-                            save_checkpoint, set_rng_state)
+from skd.checkpoint import (CheckpointWriteError, best_checkpoint, checkpoint_path, keep_as_best,
+                            latest_checkpoint, load_checkpoint, load_parts, rng_state, save_checkpoint,
+                            save_part, set_rng_state)
 from skd.config import ConfigError, TrainConfig, config_to_dict, flat_dict, load_config, save_config
-from skd.data import DatasetInfo, create_loader
-from skd.evaluate import evaluate, format_table, resolve_shard_dir
+from skd.config_docs import format_config_keys
+from skd.data import CorruptDataError, DatasetInfo, ShardFormatError, resolve_shard_dir
+from skd.data.epoch_plan import derive_seed
+from skd.data.factory import create_data_loader
+from skd.evaluate import evaluate, format_table, predict
+from skd.metrics import Predictions
 from skd.methods import DataSpec, create_method, get_method_class
+from skd.mixup import create_mixer
 from skd.models.factory import create_model
-from skd.optim import optimizer_kwargs, scheduler_kwargs
-from skd.transforms import create_eval_transform, create_train_transform
+from skd.optim import create_optimizer, scheduler_kwargs
+from skd.report import log_reliability_diagram
+from skd.resume import check_output_dir, check_resume_config, select_checkpoint
+
+CHECKPOINT_FORMAT = "skd-checkpoint-2"
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the last checkpoint written before it is kept."""
+    """The loss or the weights became NaN or infinite; nothing after the last good step is saved."""
 
 
 class StopRequested(Exception):
@@ -54,10 +66,16 @@ class Trainer:
         self.cfg = cfg
         cpu = not torch.cuda.is_available()
         precision = ("no" if cpu else "bf16") if cfg.precision == "auto" else cfg.precision
-        # The process group comes up first so every rank agrees on one timestamped run directory.
-        PartialState(cpu=cpu)
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launcher not in ("no", precision):  # skd's `precision` key is the one source
+            raise ConfigError(f"accelerate launch asks for mixed precision {launcher!r} but the config's "
+                              f"precision resolves to {precision!r}: set precision={launcher} in the config "
+                              f"and drop --mixed_precision from the launch")
+        # The process group comes up first so every rank agrees on one run directory and start.
+        state = PartialState(cpu=cpu)
         name = f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.name}-{cfg.model.name}"
         self.run_dir = Path(broadcast_object_list([cfg.output_dir or name])[0])
+        resume_path, self.run_id = self._start(state)
         self.accelerator = acc = Accelerator(
             cpu=cpu, mixed_precision=precision, log_with=cfg.log_with or None,
             project_dir=str(self.run_dir))
@@ -65,20 +83,45 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         set_seed(cfg.seed)  # same initial weights on every rank
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
 
         info = self._build_loaders()
         self._build_method(info)
-        if acc.is_main_process:
-            tqdm.write(f"{cfg.method.name} / {cfg.model.name}: {info.num_samples} training samples, "
-                       f"{info.num_classes} classes; {acc.num_processes} processes, {self.batch_size} "
-                       f"images per process per step, {self.steps_per_epoch} steps per epoch; "
-                       f"run directory {self.run_dir}")
+        self.mixer = create_mixer(cfg.mixup, info.num_classes, cfg.seed, acc.process_index)
         self.unwrapped = acc.unwrap_model(self.method)
         self.epoch, self.step = 0, 0
+        self.best: dict[str, Any] | None = None  # {"epoch", "metrics"} of the best epoch so far
+        self.predictions: Predictions | None = None  # the model's, from the latest evaluation
+        self._resume_path = resume_path
         self._stop_signal: int | None = None
+        self._consensus = _StepConsensus(acc.device)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            tqdm.write(f"{cfg.method.name} / {cfg.model.name}: {info.num_samples} training samples, "
+                       f"{info.num_classes} classes; {_plural(acc.num_processes, 'process', 'es')}, "
+                       f"{_plural(self.batch_size, 'image')} per process per micro-batch, "
+                       f"{_plural(self.steps_per_epoch, 'optimizer step')} per epoch; run directory {self.run_dir}")
+
+    def _start(self, state: PartialState) -> tuple[Path | None, str]:
+        """Check the run directory and pick the checkpoint to resume on the main process (nothing
+        is written yet), and give every rank the same answer: the path and the run id."""
+        answer: list[Any] = [None, None, None]
+        if state.is_main_process:
+            try:
+                check_output_dir(self.run_dir)
+                path, ckpt = select_checkpoint(self.run_dir, self.cfg.resume)
+                if ckpt is not None:
+                    check_resume_config(ckpt, self.cfg)
+                run_id = (ckpt or {}).get("run_id") or uuid.uuid4().hex[:12]
+                answer = [str(path) if path else None, run_id, None]
+            except ConfigError as e:
+                answer = [None, None, str(e)]
+        path, run_id, error = broadcast_object_list(answer)
+        if error:
+            raise ConfigError(error)
+        if self.cfg.resume and path is None and state.is_main_process:
+            tqdm.write(f"resume=auto: no checkpoint in {self.run_dir}, starting from scratch")
+        return (Path(path) if path else None), run_id
 
     def _build_loaders(self) -> DatasetInfo:
         """Training and validation loaders of this rank; returns the training set's info."""
@@ -93,15 +136,13 @@ class Trainer:
         with acc.main_process_first():  # the demo data is written once, by the first process
             train_dir = resolve_shard_dir(cfg.data.train, "train", "data.train")
             val_dir = resolve_shard_dir(cfg.data.val, "val", "data.val")
-        common = dict(rank=acc.process_index, world_size=world, num_workers=cfg.data.num_workers)
-        self.train_loader = create_loader(
-            train_dir, train=True, batch_size=self.batch_size, transform=create_train_transform(cfg.data),
-            seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last,
+        common = dict(rank=acc.process_index, world_size=world, device=acc.device,
+                      channels_last=cfg.model.channels_last)
+        self.train_loader = create_data_loader(
+            cfg.data, train_dir, train=True, batch_size=self.batch_size, seed=cfg.seed,
             **get_method_class(cfg.method.name).train_loader_options(cfg.method), **common)
-        self.val_loader = create_loader(val_dir, train=False, batch_size=eval_batch,
-                                        transform=create_eval_transform(cfg.data), **common)
-        info = self.train_loader.info
-        return info
+        self.val_loader = create_data_loader(cfg.data, val_dir, train=False, batch_size=eval_batch, **common)
+        return self.train_loader.info
 
     def _build_method(self, info: DatasetInfo) -> None:
         """Student, method (with its teacher and extra modules), EMA, optimizer, scheduler."""
@@ -115,7 +156,7 @@ class Trainer:
         self.ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None
         if cfg.model.compile:
             model.compile()
-        self.optimizer = create_optimizer_v2(method, **optimizer_kwargs(cfg.optim))
+        self.optimizer = create_optimizer(method, cfg.optim)
         # Accumulation windows never cross an epoch end: the epoch's last window may be shorter.
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum_steps)
         self.scheduler, _ = create_scheduler_v2(
@@ -125,23 +166,29 @@ class Trainer:
     # ----------------------------------------------------------------------------------- run
     def fit(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
-        resumed_rng = self.resume() if cfg.resume else None
+        resumed_rng = self._restore(self._resume_path) if self._resume_path else None
         if resumed_rng is not None:
             set_rng_state(resumed_rng)
-        else:
-            set_seed(cfg.seed + acc.process_index)  # ranks draw different dropout masks
-        acc.init_trackers("skd", config=flat_dict(config_to_dict(cfg)))
+        else:  # ranks draw different dropout masks; a resume on other processes: new streams
+            set_seed(derive_seed(cfg.seed, self.step, acc.process_index) % (1 << 31))
+        self._init_trackers()
         self._install_signal_handlers()
         metrics: dict[str, Any] = {}
         for epoch in range(self.epoch, cfg.epochs):
             train_stats = self.train_one_epoch(epoch)
             metrics = self.evaluate()
+            improved = self._track_best(epoch, metrics)
             self.epoch = epoch + 1
-            self.save({"epoch": epoch + 1, "batches": 0})
+            path = self.save({"epoch": epoch + 1, "batches": 0})
+            if improved and acc.is_main_process:
+                keep_as_best(path)
+                self.predictions.save(self.run_dir / "predictions_best.npz")
             self.log_epoch(epoch, train_stats, metrics)
-            self._check_stop(save=False)
+            self._check_stop()
         if not metrics:  # resumed a finished run: nothing left to train, evaluate once
             metrics = self.evaluate()
+        if self.best is not None:
+            metrics["best"] = {"epoch": self.best["epoch"], **self.best["metrics"]}
         self.finish(metrics)
         return metrics
 
@@ -151,60 +198,71 @@ class Trainer:
         self.unwrapped.start_epoch(epoch, cfg.epochs)
         self.scheduler.step(epoch)
         self.train_loader.set_epoch(epoch)
-        meter = _Meter(acc.device)
-        epoch_meter = _Meter(acc.device)
-        start = self.train_loader.state_dict()["batches"]
-        bar = tqdm(total=len(self.train_loader), initial=start, desc=f"epoch {epoch}",
-                   disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
-        tic, images = time.perf_counter(), 0
-        num_batches, accum = len(self.train_loader), cfg.grad_accum_steps
-        for j, batch in enumerate(self.train_loader, start):
-            batch = self._to_device(batch)
-            sync = (j + 1) % accum == 0 or j + 1 == num_batches
-            with contextlib.nullcontext() if sync else acc.no_sync(self.method):
-                out = self.method(batch)
-                acc.backward(out["loss"] / accum)
-            if sync:
-                if cfg.optim.clip_grad:
-                    acc.clip_grad_norm_(self.method.parameters(), cfg.optim.clip_grad)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            self.unwrapped.after_step(batch, out)
-            meter.add(out)
-            epoch_meter.add(out)
-            images += batch["label"].shape[0]
-            bar.update(1)
-            if not sync:
-                continue
-            self.step += 1
-            self.scheduler.step_update(self.step)
-            if self.ema is not None:
-                self.ema.update(self.unwrapped.model, step=self.step)
-            if self.step % cfg.log_every == 0:
-                # Deliberate sync point: losses to the host, NaN check, stop-signal consensus.
-                values = meter.reduce(acc, self.step)
-                rate = images * acc.num_processes / (time.perf_counter() - tic)
-                values["train/img_per_s"] = rate
-                acc.log(values, step=self.step)
-                bar.set_postfix(loss=f"{values['train/loss']:.3f}", lr=f"{self._lr():.3g}",
-                                img_s=f"{rate:.0f}")
-                meter, tic, images = _Meter(acc.device), time.perf_counter(), 0
-                self._check_stop(save=True)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                meter.check_finite(acc, self.step)
-                self.save(self.train_loader.state_dict())
-        bar.close()
-        meter.check_finite(acc, self.step)
-        stats = epoch_meter.reduce(acc, self.step)
-        return {k.removeprefix("train/"): v for k, v in stats.items()}
+        self._corrupt_before = self.train_loader.num_corrupt
+        start, num_batches = self.train_loader.state_dict()["batches"], len(self.train_loader)
+        progress, epoch_meter = _Progress(acc, num_batches, start, epoch), _Meter(acc.device)
+        try:
+            for j, batch in enumerate(self.train_loader, start):
+                # Windows of grad_accum_steps micro-batches; the epoch's last one may be shorter,
+                # and its micro-batches are averaged over its real length (as timm does).
+                window_start = j - j % cfg.grad_accum_steps
+                window = min(cfg.grad_accum_steps, num_batches - window_start)
+                sync = j + 1 == window_start + window
+                device_batch = self._to_device(batch)
+                if self.mixer is not None:  # Mixup/CutMix: images mixed in place, soft targets added
+                    device_batch = self.mixer(device_batch, epoch, j)
+                out = self._micro_step(device_batch, window, sync)
+                progress.add(out, batch["label"].shape[0])
+                epoch_meter.add(out)
+                if sync:
+                    self._end_optimizer_step(progress)
+        finally:
+            progress.close()  # also on an error, so its message starts a clean line
+        self._act_on_consensus(self._consensus.drain())
+        stats = epoch_meter.reduce(acc, self.step, self._last_checkpoint_note)
+        stats = {k.removeprefix("train/"): v for k, v in stats.items()}
+        stats["corrupt_samples"] = self._sum_over_ranks(self._corrupt_in_epoch())
+        return stats
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], window: int, sync: bool) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch; the optimizer steps on the window's last."""
+        acc = self.accelerator
+        with contextlib.nullcontext() if sync else acc.no_sync(self.method):
+            out = self.method(batch)
+            acc.backward(out["loss"] / window)
+        if sync:
+            if self.cfg.optim.clip_grad:
+                acc.clip_grad_norm_(self.method.parameters(), self.cfg.optim.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.unwrapped.after_step(batch, out)
+        return out
+
+    def _end_optimizer_step(self, progress: _Progress) -> None:
+        """Schedules and EMA; the stop/corrupt consensus; maybe log (a host sync), maybe checkpoint."""
+        cfg = self.cfg
+        self.step += 1
+        self.scheduler.step_update(self.step)
+        if self.ema is not None:
+            self.ema.update(self.unwrapped.model, step=self.step)
+        corrupt = self._corrupt_in_epoch()
+        self._act_on_consensus(self._consensus.exchange(self._stop_signal is not None, corrupt))
+        if self.step % cfg.log_every == 0:
+            progress.log(self.step, self._lr(), corrupt, self._last_checkpoint_note)
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            progress.check_finite(self.step, self._last_checkpoint_note)
+            self.save(self.train_loader.state_dict())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        metrics = evaluate(self.unwrapped.model, self.val_loader, self.accelerator,
-                           channels_last=self.cfg.model.channels_last)
+        limit = self.cfg.data.max_corrupt_fraction
+        self.predictions = predict(self.unwrapped.model, self.val_loader, self.accelerator,
+                                   channels_last=self.cfg.model.channels_last, max_corrupt_fraction=limit,
+                                   with_probs=self.cfg.save_probs)
+        metrics = self.predictions.metrics()
         if self.ema is not None:
             metrics["ema"] = evaluate(self.ema.module, self.val_loader, self.accelerator,
-                                      channels_last=self.cfg.model.channels_last)
+                                      channels_last=self.cfg.model.channels_last, max_corrupt_fraction=limit)
         return metrics
 
     # --------------------------------------------------------------------------- bookkeeping
@@ -213,17 +271,27 @@ class Trainer:
         record = {"epoch": epoch, "step": self.step, "lr": self._lr(),
                   **{f"train_{k}": v for k, v in train.items()},
                   **self.unwrapped.epoch_stats(), **metrics}
-        acc.log(flat_dict({"val": metrics, "epoch": epoch, **self.unwrapped.epoch_stats()}), step=self.step)
+        # Tags: train/... (per epoch: corrupt samples and the method's values such as PS-KD's
+        # alpha_t; loss terms, lr and img/s come every log_every steps), val/... and val_ema/....
+        scalars = {"epoch": epoch, "train/corrupt_samples": train["corrupt_samples"],
+                   **{f"train/{k}": v for k, v in self.unwrapped.epoch_stats().items()},
+                   **{f"val/{k}": v for k, v in metrics.items() if k not in ("ema", "best")},
+                   **{f"val_ema/{k}": v for k, v in metrics.get("ema", {}).items()}}
+        acc.log(scalars, step=self.step)
+        log_reliability_diagram(acc, self.predictions, self.step)  # TensorBoard only
         if acc.is_main_process:
             with open(self.run_dir / "history.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            skipped = (f"  corrupt skipped: train {train['corrupt_samples']}, val {metrics['num_corrupt']}"
+                       if train["corrupt_samples"] or metrics["num_corrupt"] else "")
             # A run resumed exactly at an epoch's last batch has no train loss for that epoch.
             tqdm.write(f"epoch {epoch}: loss {train.get('loss', float('nan')):.4f}  top1 {metrics['top1']:.2f}  "
-                       f"nll {metrics['nll']:.4f}  ece {metrics['ece']:.2f}")
+                       f"nll {metrics['nll']:.4f}  ece {metrics['ece']:.2f}{skipped}")
 
     def state_dict(self, loader_state: dict[str, int]) -> dict[str, Any]:
         return {
-            "format": "skd-checkpoint-1",
+            "format": CHECKPOINT_FORMAT,
+            "run_id": self.run_id,
             "config": config_to_dict(self.cfg),
             "epoch": loader_state["epoch"],
             "step": self.step,
@@ -233,72 +301,145 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "best": self.best,
         }
 
-    def save(self, loader_state: dict[str, int]) -> None:
+    def save(self, loader_state: dict[str, int]) -> Path:
         """Checkpoint at the current step; ``loader_state`` is where training continues."""
         acc = self.accelerator
-        # A finite loss at step k was computed before step k's update; the weights saved now must
-        # be checked themselves, or the last checkpoint could already hold the divergence.
-        params = [p.detach() for p in self.unwrapped.parameters() if p.requires_grad]
-        if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
-            raise NonFiniteLoss(f"non-finite weights after optimizer step {self.step}; stopping without "
-                                f"saving them. The last checkpoint written before it is intact.")
+        state = self.state_dict(loader_state)
+        part = self.unwrapped.rank_state()  # this rank's share of a sharded state, else empty
+        # A finite loss at step k was computed before step k's update: every floating tensor that
+        # is about to be saved (weights, BN statistics, EMA, PS-KD memory, optimizer state) is
+        # checked itself, or the last checkpoint could already hold the divergence.
+        bad = _first_non_finite({**state, "part": part}, ("method", "ema", "optimizer", "part"))
+        if self._sum_over_ranks(int(bad is not None)):
+            raise NonFiniteLoss(f"non-finite values in {bad or 'the state of another process'} after "
+                                f"optimizer step {self.step}; stopping without saving them. "
+                                f"{self._last_checkpoint_note()}")
         rngs = gather_object([rng_state()])  # every rank's generators, so each resumes its own
-        if acc.is_main_process:
-            state = self.state_dict(loader_state)
-            state["rng"] = rngs
-            save_checkpoint(state, checkpoint_path(self.run_dir, self.step), self.cfg.keep_checkpoints)
-        acc.wait_for_everyone()
+        path = checkpoint_path(self.run_dir, self.step)
+        # Parts first, on every rank, then the main file: it appears only when all parts exist.
+        # A failed write on any rank stops every rank (no rank is left waiting).
+        self._on_all_ranks_or_none(lambda: save_part(part, path, acc.process_index, acc.num_processes)
+                                   if part else None)
+        if part:
+            state["rank_parts"] = acc.num_processes
+        state["rng"] = rngs
+        self._on_all_ranks_or_none(lambda: save_checkpoint(state, path, self.cfg.keep_checkpoints)
+                                   if acc.is_main_process else None)
+        return path
 
-    def resume(self) -> dict[str, Any] | None:
-        """Restore everything from the checkpoint named by ``resume``; return this rank's RNG state."""
-        path = latest_checkpoint(self.run_dir) if self.cfg.resume == "auto" else Path(self.cfg.resume)
-        if path is None:
-            tqdm.write(f"resume=auto: no checkpoint in {self.run_dir}, starting from scratch")
-            return None
+    def _on_all_ranks_or_none(self, write: Callable[[], Any]) -> None:
+        """Run ``write`` on this rank; if it fails on any rank, raise its error on every rank."""
+        try:
+            write()
+            error = None
+        except CheckpointWriteError as e:
+            error = str(e)
+        errors = [e for e in gather_object([error]) if e]
+        if errors:
+            raise CheckpointWriteError(errors[0])
+
+    def _restore(self, path: Path) -> dict[str, Any] | None:
+        """Restore every component from checkpoint ``path``; return this rank's RNG state."""
         state = load_checkpoint(path)
         self.unwrapped.load_trainable_state_dict(state["method"])
+        if state.get("rank_parts"):  # a sharded state, re-sharded for this run's processes
+            self.unwrapped.load_rank_states(load_parts(path, state["rank_parts"]))
+        # The optimizer's buffers (momentum, Adam moments) continue; its hyper-parameters come from
+        # this run's config, as does the lr schedule (timm's schedulers are functions of the epoch
+        # and step, so their saved state is not needed): a resume that changes `epochs` or
+        # `optim.*` (resume_allow_changes) follows the new values.
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for group, values in zip(self.optimizer.param_groups, configured):
+            group.update(values)
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.epoch, self.step = state["epoch"], state["step"]
+        self.best = state.get("best")
         self.train_loader.load_state_dict(state["loader"])
         if self.accelerator.is_main_process:
             _truncate_history(self.run_dir / "history.jsonl", self.epoch)
-            tqdm.write(f"resumed from {path} (epoch {self.epoch}, step {self.step})")
+            tqdm.write(f"resumed from step {self.step} (epoch {self.epoch}, batch {state['loader']['batches']})")
         rngs = state["rng"]
-        # A different number of processes cannot continue the same random streams.
+        # Another number of processes cannot continue the same random streams (the data is
+        # continued, see ShardLoader.load_state_dict; dropout and the like draw new streams).
         return rngs[self.accelerator.process_index] if len(rngs) == self.accelerator.num_processes else None
+
+    def _init_trackers(self) -> None:
+        """One tracker run per skd run: TensorBoard writes every start into ``RUN_DIR/skd/`` (the
+        config as a text summary: accelerate's hparams would add a timestamped folder per start),
+        W&B resumes the run named by the run id."""
+        acc = self.accelerator
+        acc.init_trackers("skd", init_kwargs={"wandb": {"id": self.run_id, "resume": "allow",
+                                                         "dir": str(self.run_dir)}})
+        if not acc.is_main_process:
+            return
+        for tracker in acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_text("config", f"```yaml\n{(self.run_dir / 'config.yaml').read_text()}```",
+                                        global_step=self.step)
+            else:
+                tracker.store_init_configuration(flat_dict(config_to_dict(self.cfg)))
+
+    def _track_best(self, epoch: int, metrics: dict[str, Any]) -> bool:
+        """Remember ``epoch`` if its ``best_metric`` beats the best so far; True if it does."""
+        key = self.cfg.best_metric
+        sign = 1 if key in ("top1", "top5") else -1
+        if self.best is not None and sign * metrics[key] <= sign * self.best["metrics"][key]:
+            return False
+        self.best = {"epoch": epoch, "metrics": {k: v for k, v in metrics.items() if k != "ema"}}
+        return True
 
     def finish(self, metrics: dict[str, Any]) -> None:
         acc = self.accelerator
         acc.end_training()
         if not acc.is_main_process:
             return
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.unwrapped.model.state_dict().items()}
-        save_file(weights, self.run_dir / "model.safetensors")
+        save_file(_cpu(self.unwrapped.model.state_dict()), self.run_dir / "model.safetensors")
         if self.ema is not None:
-            ema = {k: v.detach().cpu().contiguous() for k, v in self.ema.module.state_dict().items()}
-            save_file(ema, self.run_dir / "model_ema.safetensors")
+            save_file(_cpu(self.ema.module.state_dict()), self.run_dir / "model_ema.safetensors")
+        best = best_checkpoint(self.run_dir)
+        if best is not None:
+            model = load_checkpoint(best)["method"]
+            save_file(_cpu({k.removeprefix("model."): v for k, v in model.items() if k.startswith("model.")}),
+                      self.run_dir / "model_best.safetensors")
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        self.predictions.save(self.run_dir / "predictions.npz")
         print(format_table(metrics, title=f"{self.cfg.method.name} / {self.cfg.model.name}"))
+        train_corrupt = sum(json.loads(line).get("train_corrupt_samples", 0)
+                            for line in (self.run_dir / "history.jsonl").read_text().splitlines())
+        if train_corrupt or metrics["num_corrupt"]:
+            print(f"corrupt samples skipped: {train_corrupt} in training (all epochs), "
+                  f"{metrics['num_corrupt']} in the final evaluation")
         print(f"run directory: {self.run_dir}")
 
     # --------------------------------------------------------------------------------- helpers
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
         if self.cfg.model.channels_last:
-            for key in ("image", "partner"):
-                if key in out:
-                    out[key] = out[key].contiguous(memory_format=torch.channels_last)
+            for key in self.unwrapped.image_keys:
+                out[key] = out[key].contiguous(memory_format=torch.channels_last)
         return out
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def _last_checkpoint_note(self) -> str:
+        last = latest_checkpoint(self.run_dir)
+        return (f"The last checkpoint written before it, {last}, is intact." if last
+                else "No checkpoint had been written yet.")
+
+    def _corrupt_in_epoch(self) -> int:
+        return self.train_loader.num_corrupt - self._corrupt_before
+
+    def _sum_over_ranks(self, value: int) -> int:
+        total = self.accelerator.reduce(torch.tensor([value], device=self.accelerator.device), "sum")
+        return int(total.item())
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, frame: Any) -> None:
@@ -307,13 +448,101 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, request_stop)
 
-    def _check_stop(self, save: bool) -> None:
-        """All ranks agree to stop (a signal may reach them at different steps), then save."""
+    def _act_on_consensus(self, agreed: tuple[bool, int] | None) -> None:
+        """Every rank gets the same all-reduced values at the same step and acts on them."""
+        if agreed is None:
+            return
+        stop, corrupt = agreed
+        limit = self.cfg.data.max_corrupt_fraction * self.train_loader.info.num_samples
+        if corrupt > limit:
+            raise CorruptDataError(
+                f"{corrupt} corrupt training samples skipped so far in epoch {self.epoch} (more than "
+                f"data.max_corrupt_fraction={self.cfg.data.max_corrupt_fraction} of its "
+                f"{self.train_loader.info.num_samples}); the warnings above name them. "
+                f"{self._last_checkpoint_note()}")
+        if stop:
+            self.save(self.train_loader.state_dict())
+            raise StopRequested(self._stop_signal or signal.SIGTERM)
+
+    def _check_stop(self) -> None:
+        """At an epoch end (checkpoint already written): stop if any rank got a signal."""
         flag = torch.tensor(1.0 if self._stop_signal else 0.0, device=self.accelerator.device)
         if self.accelerator.reduce(flag, reduction="sum").item() > 0:
-            if save:
-                self.save(self.train_loader.state_dict())
             raise StopRequested(self._stop_signal or signal.SIGTERM)
+
+
+class _StepConsensus:
+    """The stop flag and the epoch's corrupt-sample count, summed over ranks every optimizer step
+    without stalling the device queue: the all-reduce launched at step k is read at step k+1,
+    when the device has long finished it, so all ranks act on the same values at the same step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.pending: tuple[torch.Tensor, Any] | None = None
+
+    def exchange(self, stop: bool, corrupt: int) -> tuple[bool, int] | None:
+        """Launch this step's reduction; return the previous step's result (None at the first)."""
+        previous = self.drain()
+        values = torch.tensor([float(stop), float(corrupt)], dtype=torch.float64)
+        values = values.to(self.device, non_blocking=True)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values, async_op=True).wait()  # NCCL: the stream waits, not the host
+        event = None
+        if self.cuda:
+            host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        self.pending = (values, event)
+        return previous
+
+    def drain(self) -> tuple[bool, int] | None:
+        if self.pending is None:
+            return None
+        values, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()  # waits for one step back, not for the queued work
+        stop, corrupt = values.tolist()
+        return stop > 0, int(corrupt)
+
+
+class _Progress:
+    """Loss parts and images since the last log line, the progress bar, and the log line itself."""
+
+    def __init__(self, acc: Accelerator, num_batches: int, start: int, epoch: int) -> None:
+        self.acc = acc
+        self.bar = tqdm(total=num_batches, initial=start, desc=f"epoch {epoch}",
+                        disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.meter, self.images, self.tic = _Meter(self.acc.device), 0, time.perf_counter()
+
+    def add(self, out: dict[str, Any], images: int) -> None:
+        self.meter.add(out)
+        self.images += images
+        self.bar.update(1)
+
+    def log(self, step: int, lr: float, corrupt: int, note: Callable[[], str]) -> None:
+        """Deliberate sync point: the losses reach the host, the NaN check runs."""
+        values = self.meter.reduce(self.acc, step, note)
+        rate = self.images * self.acc.num_processes / (time.perf_counter() - self.tic)
+        self.acc.log({**values, "train/img_per_s": rate, "train/lr": lr}, step=step)
+        postfix = dict(loss=f"{values['train/loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+        if corrupt:
+            postfix["corrupt"] = str(corrupt)
+        self.bar.set_postfix(postfix)
+        self._reset()
+
+    def check_finite(self, step: int, note: Callable[[], str]) -> None:
+        if self.meter.count:
+            self.meter.reduce(self.acc, step, note)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class _Meter:
@@ -331,11 +560,9 @@ class _Meter:
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.count += 1
 
-    def check_finite(self, acc: Accelerator, step: int) -> None:
-        if self.count:
-            self.reduce(acc, step)
-
-    def reduce(self, acc: Accelerator, step: int) -> dict[str, float]:
+    def reduce(self, acc: Accelerator, step: int, note: Callable[[], str]) -> dict[str, float]:
+        """Mean of each part over the added steps and ranks; raises ``NonFiniteLoss`` (with
+        ``note()`` saying which checkpoint is intact) if one is not finite."""
         if not self.count:
             return {}
         names = sorted(self.sums)
@@ -344,8 +571,42 @@ class _Meter:
         if not all(math.isfinite(v) for v in result.values()):
             parts = ", ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in result.items())
             raise NonFiniteLoss(f"non-finite loss at or before optimizer step {step} ({parts}); "
-                                f"stopping. The last checkpoint written before it is intact.")
+                                f"stopping. {note()}")
         return result
+
+
+def _first_non_finite(state: dict[str, Any], sections: tuple[str, ...]) -> str | None:
+    """The name of the first floating tensor in ``state[section]`` (nested) with a NaN or inf.
+    One device-to-host transfer when everything is finite."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and value.numel():
+                tensors.append((prefix, value))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+
+    for section in sections:
+        walk(section, state.get(section))
+    if not tensors:
+        return None
+    flags = torch.stack([t.isfinite().all().to(tensors[0][1].device) for _, t in tensors])
+    if bool(flags.all()):
+        return None
+    return next(name for (name, _), ok in zip(tensors, flags.tolist()) if not ok)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _plural(n: int, word: str, suffix: str = "s") -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}{suffix}"
 
 
 def _truncate_history(path: Path, epoch: int) -> None:
@@ -359,22 +620,39 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return Trainer(cfg).fit()
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of ``e``; for an error re-raised from a DataLoader worker (whose message holds
+    the worker's traceback) only the original error's own line."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="skd train", description="Train a timm model with a (self-)distillation method. "
-        "Without --config, runs the embedded demo (PS-KD on the scikit-learn digits, CPU-sized).")
+        "Without --config, runs the embedded demo (PS-KD on the scikit-learn digits, CPU-sized).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override any as key=value; `skd config ...` prints the resolved config):\n"
+               + format_config_keys())
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, nested with dots, e.g. data.batch_size=256 epochs=90")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --config may come after overrides
     try:
         cfg = load_config(args.config, args.overrides)
-        train(cfg)
-    except (ConfigError, FileNotFoundError) as e:  # bad config, missing data or checkpoint
-        print(f"skd train: error: {e}", file=sys.stderr)
+        try:
+            trainer = Trainer(cfg)
+        except ValueError as e:  # data, teacher or method files rejected while building
+            raise ConfigError(str(e)) from e
+        trainer.fit()
+    except (ConfigError, FileNotFoundError, ShardFormatError, CorruptDataError) as e:
+        # Bad input: a config value, a missing or damaged file, data outside its contract.
+        print(f"skd train: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:
-        print(f"skd train: error: {e}", file=sys.stderr)
+    except (NonFiniteLoss, CheckpointWriteError) as e:
+        print(f"skd train: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except StopRequested as e:
         print(f"skd train: stopped by {e}; checkpoint written, continue with resume=auto",

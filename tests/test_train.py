@@ -36,7 +36,7 @@ def test_short_run_writes_metrics_and_loss_falls(tmp_path, method):
     run = tmp_path / method
     metrics = train(load_config(None, FAST + [f"method.name={method}", "epochs=3", f"output_dir={run}"]))
     saved = json.loads((run / "metrics.json").read_text())
-    assert saved == pytest.approx(metrics)
+    assert saved == json.loads(json.dumps(metrics))  # metrics.json holds exactly what train() returned
     assert set(saved) >= {"top1", "top5", "nll", "ece", "aurc", "eaurc"}
     assert saved["num_samples"] == 360  # every val sample once
     history = _history(run)
@@ -54,13 +54,16 @@ def test_exported_model_loads_in_timm_and_skd_eval_matches(tmp_path):
                               pretrained_cfg_overlay=dict(file=str(run / "model.safetensors"), num_classes=10))
     for k, v in load_file(run / "model.safetensors").items():
         assert torch.equal(model.state_dict()[k], v)
+    best = metrics.pop("best")
+    assert best.pop("epoch") == 0
     for target in (run, latest_checkpoint(run)):
-        again = evaluate_target(target, ["data.num_workers=0"])
-        assert again == pytest.approx(metrics, rel=1e-6)
+        assert evaluate_target(target, ["data.num_workers=0"]) == pytest.approx(metrics, rel=1e-6)
+    for target in (run / "model_best.safetensors", run / "checkpoints" / "best.pt"):
+        assert evaluate_target(target, ["data.num_workers=0"]) == pytest.approx(best, rel=1e-6)
 
 
 def _cli(run: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "skd", "train", *FAST, "method.name=pskd", "epochs=3",
+    return [sys.executable, "-m", "skd", "train", *FAST, "method.name=pskd", "epochs=2",
             "checkpoint_every=5", "data.num_workers=2", f"output_dir={run}", *extra]
 
 
@@ -82,11 +85,14 @@ def test_resume_after_sigterm_and_kill9_gives_identical_results(tmp_path):
     reference = tmp_path / "reference"
     subprocess.run(_cli(reference), check=True, env=env, capture_output=True)
 
-    # SIGTERM mid-epoch: the run checkpoints at its next logging step and exits with 128+15.
+    # SIGTERM mid-epoch to the whole process group (as `timeout`, `kill -- -PGID` and schedulers
+    # send it): the loader workers leave it to the training process, which checkpoints within a
+    # step or two and exits with 128+15.
     interrupted = tmp_path / "sigterm"
-    proc = subprocess.Popen(_cli(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cli(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     _wait_for_checkpoint(interrupted, proc, 5)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read().decode()[-2000:]
     state = load_checkpoint(latest_checkpoint(interrupted))
     assert state["loader"]["batches"] > 0, "the SIGTERM checkpoint should be mid-epoch"
@@ -108,7 +114,7 @@ def test_resume_after_sigterm_and_kill9_gives_identical_results(tmp_path):
         for k in ref_weights:
             assert torch.equal(weights[k], ref_weights[k]), f"{run.name}: {k} differs"
         assert metrics == ref_metrics
-        assert [h["epoch"] for h in _history(run)] == [0, 1, 2]
+        assert [h["epoch"] for h in _history(run)] == [0, 1]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -127,28 +133,39 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not (run / "metrics.json").exists()
 
 
-def test_checkpoint_refuses_non_finite_weights(tmp_path):
-    trainer = Trainer(load_config(None, FAST + ["method.name=ce", f"output_dir={tmp_path}"]))
+@pytest.mark.parametrize("where", ["weight", "bn_buffer", "ema", "pskd_memory"])
+def test_checkpoint_refuses_every_non_finite_tensor(tmp_path, where):
+    """Weights, BatchNorm statistics, EMA and the PS-KD memory are all checked before a save; the
+    message names the tensor and the checkpoint that is still intact."""
+    trainer = Trainer(load_config(None, FAST + ["method.name=pskd", "ema.enabled=true", f"output_dir={tmp_path}"]))
     trainer.save({"epoch": 0, "batches": 0})
     with torch.no_grad():
-        next(trainer.unwrapped.parameters()).view(-1)[0] = float("inf")
+        if where == "weight":
+            target, name = next(trainer.unwrapped.model.parameters()), "method.model.conv1.weight"
+        elif where == "bn_buffer":  # optim.lr=1e6 once left inf here while the weights were finite
+            target, name = trainer.unwrapped.model.bn1.running_var, "method.model.bn1.running_var"
+        elif where == "ema":
+            target, name = next(trainer.ema.module.parameters()), "ema.module.conv1.weight"
+        else:
+            target, name = trainer.unwrapped.memory.table, "method.memory._extra_state.table"
+        target.view(-1)[0] = float("inf")
     trainer.step = 1
-    with pytest.raises(NonFiniteLoss, match="non-finite weights after optimizer step 1"):
+    with pytest.raises(NonFiniteLoss, match=rf"non-finite values in {re.escape(name)} after optimizer step 1; "
+                                            rf"stopping without saving them\. The last checkpoint written "
+                                            rf"before it, .*step-000000000\.pt, is intact\."):
         trainer.save({"epoch": 0, "batches": 1})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000000.pt"]
 
 
-def test_embedded_demo_meets_its_accuracy_and_time_bounds(tmp_path):
-    """README's first command: `skd train` with no config, shard creation included."""
+def test_embedded_demo_meets_its_accuracy_bound(tmp_path):
+    """README's first command: `skd train` with no config, shard creation included. Its time is
+    measured by `python -m skd.bench demo`, not asserted here."""
     env = {**os.environ, "SKD_CACHE": str(tmp_path / "cache")}
-    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "skd", "train", f"output_dir={tmp_path / 'demo'}"],
                           env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["top1"] >= 90.0
-    assert elapsed <= 180.0
     assert "Top-1 Err" in proc.stdout and "run directory:" in proc.stdout
 
 
@@ -157,8 +174,7 @@ def test_ema_accumulation_and_clipping_run_and_resume(tmp_path):
     args = FAST + ["method.name=ce", "epochs=2", "ema.enabled=true", "ema.decay=0.9",
                    "grad_accum_steps=2", "optim.clip_grad=1.0", "data.batch_size=96", f"output_dir={run}"]
     metrics = train(load_config(None, args))
-    # 1437 // 48 = 29 micro-batches an epoch: 14 windows of two and a last one of one, which
-    # steps before the epoch ends instead of carrying its gradient into the next epoch.
+    # ceil(1437 / 48) = 30 micro-batches an epoch (the last one of 45 images): 15 windows of two.
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [15, 30]
     assert set(metrics["ema"]) >= {"top1", "nll", "ece"}
@@ -168,4 +184,50 @@ def test_ema_accumulation_and_clipping_run_and_resume(tmp_path):
     # A finished run resumed with resume=auto has nothing left to train and reproduces its metrics.
     again = train(load_config(None, args + ["resume=auto"]))
     assert again.pop("ema") == pytest.approx(metrics.pop("ema"))
+    assert again.pop("best") == metrics.pop("best")  # kept in the checkpoints
     assert again == pytest.approx(metrics)
+
+
+def test_best_epoch_is_kept_when_it_is_not_the_last(tmp_path, monkeypatch, capsys):
+    from test_data_loader import write_shards
+    shards = write_shards(tmp_path / "shards", [20, 20])
+    run = tmp_path / "run"
+    args = FAST + ["method.name=ce", "epochs=3", "data.batch_size=10", f"data.train={shards}", f"data.val={shards}",
+                   "data.img_size=16", "data.train_crop=pad_crop", "data.crop_pct=1.0", f"output_dir={run}"]
+    scripted = iter([50.0, 80.0, 60.0])  # validation top-1 of epochs 0, 1, 2
+    real_evaluate = Trainer.evaluate
+
+    def evaluate(self):
+        return {**real_evaluate(self), "top1": next(scripted)}
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    metrics = train(load_config(None, args))
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["top1"] == 60.0 and saved["best"]["epoch"] == 1 and saved["best"]["top1"] == 80.0
+    assert metrics["best"] == saved["best"]
+    assert "best (ep 1)" in capsys.readouterr().out
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["step"] == 8 and best["best"]["epoch"] == 1  # 4 steps an epoch: the end of epoch 1
+    exported = load_file(run / "model_best.safetensors")
+    for k, v in exported.items():
+        assert torch.equal(v, best["method"][f"model.{k}"])
+    last = load_file(run / "model.safetensors")
+    assert any(not torch.equal(last[k], exported[k]) for k in exported)
+
+
+def test_tensorboard_tags_are_grouped_and_a_resumed_run_writes_into_the_same_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "tb"
+    args = [a for a in FAST if not a.startswith("log_with")] + ["method.name=pskd", "log_with=[tensorboard]",
+                                                                f"output_dir={run}"]
+    train(load_config(None, args + ["epochs=1"]))
+    train(load_config(None, args + ["epochs=2", "resume=auto", "resume_allow_changes=[epochs]"]))
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoints", "skd"]
+    assert not [p for p in (run / "skd").iterdir() if p.is_dir()]  # no sub-run per start
+    events = EventAccumulator(str(run / "skd"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/img_per_s", "train/alpha_t", "train/corrupt_samples",
+            "val/top1", "val/nll", "val/ece", "val/aurc"} <= tags
+    assert not {t for t in tags if "." in t}  # no dotted tags such as val.top1
+    assert [e.step for e in events.Scalars("val/top1")] == [23, 46]  # both starts, one run
