@@ -143,3 +143,15 @@ def test_pca_lighting_where_the_official_pipeline_has_it():
     imagenet_resnet152 = {p.name for p in CONFIGS.glob("imagenet/resnet152_*.yaml")}
     assert lit == imagenet_resnet152 | {"regnetx_016_uskd.yaml"}
     assert all(load_config(CONFIGS / "imagenet" / name).data.pca_lighting == 0.1 for name in lit)
+
+
+def test_readme_presets_table_lists_every_preset():
+    """Each preset is in README's table, by name or (the feature-distillation rows) by its method's
+    `<method>_*.yaml` row."""
+    readme = (CONFIGS.parent / "README.md").read_text()
+    table = readme[readme.index("| preset | method | student ← teacher"):]
+    named = set(re.findall(r"\| `([a-z0-9_/]+\.yaml)` \|", table))
+    patterns = re.findall(r"\| `([a-z0-9_/]+)_\*\.yaml` \(7 pairs\)", table)
+    for preset in PRESETS:
+        rel = preset.relative_to(CONFIGS).as_posix()
+        assert rel in named or any(rel.startswith(p + "_") for p in patterns), rel

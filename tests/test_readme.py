@@ -1,42 +1,47 @@
-"""README's Python snippets run as written, each in a fresh interpreter."""
+"""README's Python snippets run as written, each in a fresh interpreter, against a real run."""
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import timm
-import torch
-from safetensors.torch import save_file
 
-import skd.models  # noqa: F401
+from skd.config import load_config
+from skd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
 
+# What the snippets may use, appended to them: the run's own files to compare against.
+CHECKS = {
+    "pretrained_cfg_overlay": "\nfrom safetensors.torch import load_file\n"
+                              "saved = load_file('runs/demo/model.safetensors')\n"
+                              "assert all(model.state_dict()[k].equal(v) for k, v in saved.items())\n",
+    "Predictions.load": "\nimport json\n"
+                        "expected = json.load(open('runs/demo/metrics.json'))\n"
+                        "assert p.metrics() == {k: v for k, v in expected.items() if k not in ('best', 'ema')}\n",
+}
 
-def _demo_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """What the snippet loading an exported model expects to find: runs/demo/model.safetensors."""
-    model = timm.create_model("resnet8_cifar", num_classes=10)
-    for p in model.parameters():
-        p.data.normal_()
-    (folder / "runs" / "demo").mkdir(parents=True)
-    save_file(model.state_dict(), folder / "runs" / "demo" / "model.safetensors")
-    return model.state_dict()
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder holding runs/demo: one short epoch of the demo (what the snippets read)."""
+    folder = tmp_path_factory.mktemp("readme")
+    train(load_config(None, ["epochs=1", "log_with=[]", "data.num_workers=0", f"output_dir={folder}/runs/demo"]))
+    return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", range(len(BLOCKS)))
-def test_readme_python_block_runs_as_written(block, tmp_path):
-    code = BLOCKS[block]
-    if "runs/demo/model.safetensors" in code:
-        _demo_weights(tmp_path)
-        code += ("\nfrom safetensors.torch import load_file\n"
-                 "saved = load_file('runs/demo/model.safetensors')\n"
-                 "assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())\n")
-        code = "import torch\n" + code
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+def test_readme_python_block_runs_as_written(block, workdir):
+    code = BLOCKS[block] + "".join(check for marker, check in CHECKS.items() if marker in BLOCKS[block])
+    done = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_there_are_readme_python_blocks():
-    assert len(BLOCKS) >= 2 and any("pretrained_cfg_overlay" in b for b in BLOCKS)
+def test_every_snippet_that_reads_a_run_is_checked_against_it():
+    assert len(BLOCKS) >= 3
+    for marker in CHECKS:
+        assert any(marker in b for b in BLOCKS), marker
+    assert all(any(m in b for m in CHECKS) for b in BLOCKS if "runs/demo" in b)
