@@ -53,7 +53,8 @@ class DataConfig:
     num_workers: int = bounded(2, ge=0)
     """DataLoader worker processes per rank (with backend=dali they only read the shards)."""
     shuffle_buffer: int = bounded(2000, ge=0)
-    """Samples in each worker's shuffle buffer (training only)."""
+    """Training: the epoch's sample order is shuffled within consecutive windows of this many
+    positions (larger mixes more; reads stay within a window's shard regions)."""
     max_corrupt_fraction: float = bounded(0.01, ge=0, le=1)
     """Stop when more than this fraction of an epoch's training samples so far (or of the
     evaluation set) were corrupt and skipped."""

@@ -70,8 +70,11 @@ def _before_normalize(pipeline: T.Compose, op: Callable) -> T.Compose:
 
 
 def create_eval_transform(cfg: DataConfig) -> Callable:
-    """Resize to img_size / crop_pct, centre-crop img_size, normalise (crop_pct=1: no crop)."""
+    """Resize to img_size / crop_pct, centre-crop img_size, normalise (crop_pct=1: no crop).
+    ``interpolation=random`` (a training augmentation) evaluates with bilinear, as in the DALI
+    backend."""
     return create_transform(
-        input_size=cfg.img_size, is_training=False, interpolation=cfg.interpolation,
+        input_size=cfg.img_size, is_training=False,
+        interpolation="bilinear" if cfg.interpolation == "random" else cfg.interpolation,
         mean=tuple(cfg.mean), std=tuple(cfg.std), crop_pct=cfg.crop_pct,
     )

@@ -106,7 +106,7 @@ def test_round_trip_every_id_once(folder_shards):
             assert label in folder_labels[image.numpy().tobytes()]
     assert loader.num_corrupt == 0
     assert loader.state_dict() == {"epoch": 0, "batches": 8, "start": 0, "world_size": 1, "batch_size": 8,
-                                   "window": 16}
+                                   "window": 16, "drop_last": False}
 
 
 def test_eval_single_rank_in_order_without_workers(folder_shards):
@@ -172,7 +172,7 @@ def test_eval_ranks_cover_every_sample_once(unequal):
 def test_same_seed_same_batches_other_epoch_other_order(unequal):
     def run(epoch, workers=2):
         loader = create_loader(unequal, train=True, batch_size=8, transform=Augment(), seed=3,
-                               num_workers=workers, shuffle_buffer=10)
+                               num_workers=workers, shuffle_buffer=10, drop_last=True)
         loader.set_epoch(epoch)
         return collect(loader)
 
@@ -200,7 +200,8 @@ def test_resume_mid_epoch_gives_the_remaining_batches(unequal, workers, k):
         if n == k:
             break
     state = first.state_dict()
-    assert state == {"epoch": 4, "batches": k, "start": 0, "world_size": 2, "batch_size": 6, "window": 8}
+    assert state == {"epoch": 4, "batches": k, "start": 0, "world_size": 2, "batch_size": 6, "window": 8,
+                     "drop_last": False}
     again = create_loader(unequal, **kwargs)
     again.load_state_dict(state)
     again.set_epoch(4)  # what the trainer does: the same epoch keeps the position
@@ -354,7 +355,7 @@ def test_loader_with_partner(unequal):
     loader = create_loader(unequal, train=True, batch_size=8, transform=to_tensor, num_workers=2,
                            with_partner=True, seed=2)
     batches = collect(loader)
-    assert len(batches) == 7
+    assert len(batches) == 8
     for b in batches:
         assert b["partner"].shape == b["image"].shape
         assert (index.labels[b["partner_index"].numpy()] == b["label"].numpy()).all()
@@ -379,3 +380,47 @@ def test_missing_samples_npz_is_named_before_reading(unequal, tmp_path):
     (bare / "samples.npz").unlink()
     with pytest.raises(FileNotFoundError, match=r"samples.npz is missing .*skd shard --index-only"):
         create_loader(bare, train=True, batch_size=8, transform=to_tensor)
+
+
+def test_open_shards_are_bounded_and_file_system_errors_are_not_corrupt_samples(unequal, monkeypatch):
+    """A process keeps at most MAX_OPEN_SHARDS shard files open (thousands of shards would exhaust
+    the descriptor limit), and an OSError of the file system stops the run instead of being
+    counted as corrupt data."""
+    import errno
+
+    import skd.data.sample_index as sample_index
+    monkeypatch.setattr(sample_index, "MAX_OPEN_SHARDS", 2)
+    index = SampleIndex.load(unequal)
+    expected = [Image.open(io.BytesIO(index.read_image_bytes(i))).tobytes() for i in range(60)]
+    assert len(index._fds) <= 2
+    again = SampleIndex.load(unequal)
+    assert [Image.open(io.BytesIO(again.read_image_bytes(i))).tobytes() for i in range(59, -1, -7)] == \
+        expected[59::-7]
+    loader = create_loader(unequal, train=True, batch_size=8, transform=to_tensor, num_workers=0)
+    monkeypatch.setattr(sample_index.os, "open", lambda *a: (_ for _ in ()).throw(OSError(errno.EMFILE, "Too many")))
+    with pytest.raises(OSError, match="Too many"):
+        collect(loader)
+    assert loader.num_corrupt == 0
+
+
+def test_drop_last_with_fewer_samples_than_a_global_batch_is_an_error(unequal):
+    with pytest.raises(ValueError, match=r"data.drop_last=true: 60 training samples .* fewer than 2 processes x 32"):
+        create_loader(unequal, train=True, batch_size=32, transform=to_tensor, world_size=2, drop_last=True)
+
+
+def test_elastic_resume_replans_with_the_saved_drop_last(unequal):
+    first = create_loader(unequal, train=True, batch_size=16, transform=to_tensor, num_workers=0, drop_last=True)
+    assert len(collect(first)) == 3  # 48 of the 60 samples: the epoch is over
+    state = first.state_dict()
+    assert state["drop_last"] is True
+    rest = create_loader(unequal, train=True, batch_size=8, transform=to_tensor, num_workers=0)
+    rest.load_state_dict(state)
+    assert collect(rest) == []
+
+
+def test_random_interpolation_evaluates_with_bilinear():
+    from skd.config import DataConfig
+    from skd.transforms import create_eval_transform
+    image = Image.new("RGB", (40, 30), (10, 200, 30))
+    out = create_eval_transform(DataConfig(img_size=16, interpolation="random"))(image)
+    assert torch.equal(out, create_eval_transform(DataConfig(img_size=16, interpolation="bilinear"))(image))

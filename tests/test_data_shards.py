@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from skd.data import DatasetInfo, DatasetInfoError, SampleIndex, digits_shards
-from skd.data.sample_index import scan_shard
+from skd.data.sample_index import EXT_NAMES, scan_shard
 from skd.data.shard_cmd import main as shard_main
 from skd.data.shard_writer import encode_image
 
@@ -69,7 +69,7 @@ def test_folder_to_shards_round_trip(folder, tmp_path, capsys):
     for sid in (0, 2, 31, 59):  # random access returns the original file bytes
         k, n = divmod(sid, PER_CLASS)
         ext = "jpg" if n % 3 == 2 else "png"
-        assert index.image_ext(sid) == ext
+        assert EXT_NAMES[index["image_ext"][sid]] == ext
         assert index.read_image_bytes(sid) == (folder / f"digit_{k}" / f"{n:02d}.{ext}").read_bytes()
     # The arithmetic offsets written with the shards equal a scan of the tar files.
     for i, shard in enumerate(info.shards):
@@ -216,8 +216,8 @@ def test_index_only_foreign_shards(tmp_path):
     # Samples are grouped exactly as webdataset groups them: same keys, same order.
     import webdataset as wds
     from skd.data.sample_index import iter_shard
-    ours = [s.key for shard in info.shard_paths(tmp_path) for s in iter_shard(shard)]
-    theirs = [s["__key__"] for s in wds.WebDataset([str(p) for p in info.shard_paths(tmp_path)],
+    ours = [s.key for shard in [tmp_path / s.name for s in info.shards] for s in iter_shard(shard)]
+    theirs = [s["__key__"] for s in wds.WebDataset([str(p) for p in [tmp_path / s.name for s in info.shards]],
                                                     shardshuffle=False, empty_check=False)]
     assert ours == theirs and len(ours) == 23
 
@@ -282,3 +282,27 @@ def test_digits_shards_cached_and_concurrent(tmp_path, monkeypatch):
     assert img.size == (32, 32) and img.format == "PNG"
     before = _digest(roots[0] / "train")
     assert digits_shards() == roots[0] and _digest(roots[0] / "train") == before
+
+
+def test_a_jpeg_with_a_multi_picture_marker_is_stored_as_the_jpeg_it_is():
+    """PIL calls it MPO (camera stereo pairs, phone photos with a gain map): its bytes are kept,
+    as a .jpg, not re-encoded as a much larger PNG."""
+    import io
+
+    from PIL import Image
+
+    from skd.data.shard_writer import encode_image
+    image, buf = Image.new("RGB", (20, 10), (200, 10, 10)), io.BytesIO()
+    image.save(buf, format="MPO", append_images=[image])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    assert encode_image(buf.getvalue()) == (buf.getvalue(), "jpg")
+    data, ext = encode_image(buf.getvalue(), max_side=10)
+    assert ext == "jpg" and Image.open(io.BytesIO(data)).size == (10, 5)
+
+
+def test_digits_cache_with_a_missing_shard_is_rebuilt(tmp_path):
+    root = digits_shards(tmp_path)
+    shard = next((root / "train").glob("*.tar"))
+    size = shard.stat().st_size
+    shard.unlink()
+    assert digits_shards(tmp_path) == root and shard.stat().st_size == size

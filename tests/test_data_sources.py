@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from skd.data import DatasetInfo, SampleIndex
+from skd.data.sample_index import EXT_NAMES
 from skd.data.shard_cmd import main as shard_main
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -67,7 +68,7 @@ def _read_back(directory):
     info, index = DatasetInfo.load(directory), SampleIndex.load(directory)
     samples = []
     for i in range(len(index)):
-        assert index.image_ext(i) == "png"
+        assert EXT_NAMES[index["image_ext"][i]] == "png"
         with Image.open(io.BytesIO(index.read_image_bytes(i))) as img:
             assert img.mode == "RGB"
             samples.append((int(index.labels[i]), np.asarray(img)))
@@ -201,7 +202,7 @@ def test_tinyimagenet_round_trip(tiny, tmp_path, capsys):
         assert info.num_samples == count and info.class_names == names
         got = {index.read_image_bytes(i): int(index.labels[i]) for i in range(len(index))}
         assert got == truth[split]  # JPEG bytes unchanged, each under its class
-        assert all(index.image_ext(i) == "jpg" for i in range(len(index)))
+        assert all(EXT_NAMES[e] == "jpg" for e in index["image_ext"])
     first = _digest(out / "val")
     assert shard_main([str(root), str(tmp_path / "again"), "--max-per-shard", "4", "--workers", "2",
                        "--no-progress"]) == 0

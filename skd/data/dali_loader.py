@@ -47,7 +47,7 @@ from skd.data.loader import ShardLoader, create_loader
 _log = logging.getLogger("skd.data")
 
 INSTALL_HINT = "pip install 'skd[dali]'"
-DALI_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "PPM", "JPEG2000"})
+DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "PPM", "JPEG2000"})
 """Image formats (PIL's names) that DALI's decoders read; another format is a corrupt sample."""
 UNSUPPORTED = ("color_jitter", "auto_augment", "re_prob", "pca_lighting")
 """Augmentations of the torch backend that the DALI pipeline does not have (off when falsy)."""

@@ -54,9 +54,6 @@ class DatasetInfo:
         counts = np.array([s.num_samples for s in self.shards], dtype=np.int64)
         return np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)])
 
-    def shard_paths(self, directory: str | Path) -> list[Path]:
-        return [Path(directory) / s.name for s in self.shards]
-
     # ------------------------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "num_samples": self.num_samples, "num_classes": self.num_classes,

@@ -55,7 +55,18 @@ def digits_split(labels: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _complete(root: Path) -> bool:
-    return all((root / s / f).is_file() for s in SHARD_SIZES for f in (DATASET_FILE, INDEX_FILE))
+    """Every split's dataset.json, samples.npz and every shard it lists."""
+    from skd.data.dataset_info import DatasetInfo, DatasetInfoError
+    for split in SHARD_SIZES:
+        if not all((root / split / f).is_file() for f in (DATASET_FILE, INDEX_FILE)):
+            return False
+        try:
+            info = DatasetInfo.load(root / split)
+        except DatasetInfoError:
+            return False
+        if not all((root / split / s.name).is_file() for s in info.shards):
+            return False
+    return True
 
 
 def digits_shards(cache_dir: str | Path | None = None) -> Path:

@@ -29,9 +29,14 @@ PLAN, WINDOW, AUGMENT, PARTNER = 0, 1, 2, 3
 
 
 def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (any sign), via numpy's SeedSequence hashing."""
-    entropy = [int(p) % (1 << 64) for p in parts]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) & ((1 << 63) - 1)
+    """A 63-bit seed from integers (any sign): distinct tuples give independent seeds. Each part
+    is two fixed 32-bit words and the count comes first (numpy's SeedSequence alone would treat
+    ``(1, 2)`` and ``(1, 2, 0)`` alike)."""
+    words = [len(parts)]
+    for p in parts:
+        v = int(p) % (1 << 64)
+        words += [v >> 32, v & 0xFFFFFFFF]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) & ((1 << 63) - 1)
 
 
 @dataclass

@@ -5,7 +5,8 @@ rank walks one seeded order of the epoch's samples in global steps, so the loade
 simply how far into that order the epoch has got. Batch j of a rank belongs to worker
 ``j % W``; the DataLoader takes batches round-robin from its workers, hence the training loop
 sees batch 0, 1, 2, ... Samples are read by random access through ``samples.npz`` (each image
-is one ``pread``; a batch's samples lie in one window of the order, so reads stay local).
+is one ``pread``; a batch's samples lie in one or a few neighbouring windows of the order, so
+reads stay local).
 
 Augmentation (and the CS-KD partner draw) is reseeded for every batch from (seed, epoch, plan
 start, rank, batch number), so a resumed run with the same processes and batch size receives
@@ -71,10 +72,8 @@ class _ShardSource:
         labels_of = self.index.labels
         with _seeded(derive_seed(self.seed, plan.stream.epoch, plan.start, self.rank, j, AUGMENT)):
             for sid in plan.sample_ids(j).tolist():
-                try:
-                    img = self.decode(self.index.read_image_bytes(sid))
-                except Exception as e:  # PIL raises many types on corrupt data; a truncated shard too
-                    _log.warning("%s: skipping corrupt sample: %s: %s", self._describe(sid), type(e).__name__, e)
+                img = self._decoded(sid, "skipping corrupt sample")
+                if img is None:
                     corrupt += 1
                     continue
                 images.append(self.transform(img))
@@ -98,6 +97,22 @@ class _ShardSource:
         batch["num_corrupt"] = corrupt
         return batch
 
+    def _decoded(self, sid: int, action: str) -> Any | None:
+        """The decoded image of sample ``sid``, or None (after a warning) if its bytes do not decode
+        or lie past the end of a cut-off shard. An error of the file system itself (too many open
+        files, I/O) propagates: it says nothing about the sample."""
+        try:
+            data = self.index.read_image_bytes(sid)
+        except ShardFormatError as e:  # the shard ends inside this sample
+            error: Exception = e
+        else:
+            try:
+                return self.decode(data)
+            except Exception as e:  # PIL raises many types on corrupt data
+                error = e
+        _log.warning("%s: %s: %s: %s", self._describe(sid), action, type(error).__name__, error)
+        return None
+
     def _partners(self, ids: list[int], labels: list[int], images: list[Any], gen: np.random.Generator
                   ) -> tuple[list[int], list[int], list[Any], list[Any], list[int], int]:
         """A same-class partner per anchor (uniform over the class, with replacement), read by
@@ -106,15 +121,12 @@ class _ShardSource:
         keep_ids, keep_labels, keep_images, partners, partner_ids, lost = [], [], [], [], [], 0
         for sid, label, image, pid in zip(ids, labels, images, picks):
             img = None
-            for attempt in range(_PARTNER_TRIES):
+            for attempt in range(_PARTNER_TRIES):  # a corrupt partner is redrawn
                 if attempt:
                     pid = int(self.partners.draw(np.array([label]), gen, [sid])[0])
-                try:  # a truncated or undecodable partner is redrawn, as an anchor is skipped
-                    img = self.decode(self.index.read_image_bytes(int(pid)))
+                img = self._decoded(int(pid), "corrupt CS-KD partner, drawing another")
+                if img is not None:
                     break
-                except Exception as e:
-                    _log.warning("partner sample id %d is corrupt (%s: %s); drawing another", pid,
-                                 type(e).__name__, e)
             if img is None:
                 lost += 1
                 continue
@@ -197,7 +209,8 @@ class ShardLoader:
     continues the epoch: with the same world size and batch size it skips the yielded batches
     (the very batches of the uninterrupted run follow); with others it plans the rest of the epoch
     from the position reached, ``start + batches·world_size·batch_size``, with the saved window.
-    Every ``iter()`` without a pending resume starts the epoch over.
+    Every ``iter()`` without a pending resume reads the current plan from its start (after an
+    elastic resume, the rest of the epoch; the next epoch starts at its beginning).
     """
 
     def __init__(self, source: _ShardSource, *, train: bool, batch_size: int, world_size: int, num_workers: int,
@@ -233,7 +246,8 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "batches": self._position, "start": self._start,
-                "world_size": self.world_size, "batch_size": self.batch_size, "window": self._epoch_window}
+                "world_size": self.world_size, "batch_size": self.batch_size, "window": self._epoch_window,
+                "drop_last": self.drop_last}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batches = int(state["epoch"]), int(state["batches"])
@@ -247,8 +261,9 @@ class ShardLoader:
         # Another number of processes or batch size: plan the rest of the epoch from the position
         # the saved plan reached (all of it when that plan was finished).
         old = plan_epoch([s.num_samples for s in self.info.shards], epoch=epoch, seed=self._source.seed, rank=0,
-                         world_size=layout[0], batch_size=layout[1], train=self.train, drop_last=self.drop_last,
-                         window=self._epoch_window, start=start)
+                         world_size=layout[0], batch_size=layout[1], train=self.train,
+                         drop_last=bool(state.get("drop_last", self.drop_last)), window=self._epoch_window,
+                         start=start)
         done = batches >= old.num_batches
         self._start = self.info.num_samples if done else old.position_after(batches)
         self._position = 0
@@ -295,7 +310,7 @@ def _check_shard_sizes(directory: Path, info: DatasetInfo, index: SampleIndex) -
 
 def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transform: Callable,
                   seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                  shuffle_buffer: int = 1000, drop_last: bool | None = None, with_partner: bool = False,
+                  shuffle_buffer: int = 2000, drop_last: bool = False, with_partner: bool = False,
                   exclude_self_pair: bool = False,
                   pin_memory: bool | None = None, prefetch_factor: int | None = None,
                   decode: Callable | None = None, collate: Callable | None = None) -> ShardLoader:
@@ -304,7 +319,8 @@ def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transf
 
     ``batch_size`` is per process; ``transform`` maps a PIL RGB image to a ``[3,H,W]`` tensor and
     must pickle for worker processes. ``shuffle_buffer`` is the window of the epoch's sample order
-    inside which training shuffles (``skd.data.epoch_plan``). ``drop_last`` defaults to ``train``.
+    inside which training shuffles (``skd.data.epoch_plan``). ``drop_last`` (training only) keeps
+    full batches only.
     ``with_partner`` adds a CS-KD partner image per anchor, never the anchor itself with
     ``exclude_self_pair`` (the official sampler allows it).
 
@@ -342,7 +358,11 @@ def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transf
                                f"({len(bad)} such sample{'s' if len(bad) > 1 else ''})")
     if with_partner:
         source.partners = PartnerSampler(labels, info.num_classes, exclude_self_pair)
-    drop_last = train if drop_last is None else drop_last
+    drop_last = drop_last and train
+    if drop_last and info.num_samples < world_size * batch_size:
+        raise ValueError(f"data.drop_last=true: {info.num_samples} training samples in {directory} are fewer "
+                         f"than {world_size} process{'es' if world_size > 1 else ''} x {batch_size} per "
+                         f"process: every epoch would be empty")
     pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
     return ShardLoader(source, train=train, batch_size=batch_size, world_size=world_size, num_workers=num_workers,
                        drop_last=drop_last, window=shuffle_buffer if train else 0, pin_memory=pin_memory,

@@ -1,4 +1,4 @@
-"""The per-sample index beside ``dataset.json`` and the tar reading both it and the loader use.
+"""The per-sample index beside ``dataset.json``, and the tar scan that builds it.
 
 ``samples.npz`` (uncompressed, so every array is memory-mapped in place) holds one row per
 sample, in sample-id order:
@@ -12,9 +12,8 @@ sample, in sample-id order:
 ``image_ext``      uint8     0 ``jpg``, 1 ``png``, 2 ``webp`` (:data:`IMAGE_EXTS`)
 =================  ========  ======================================================
 
-33 bytes a sample: 42 MB for ImageNet-1k. It gives CS-KD's partner drawing the labels of all
-samples without a scan, random access to any image by one ``pread``, and the loader a seek to
-any sample inside a shard.
+33 bytes a sample: 42 MB for ImageNet-1k. It gives the loader and CS-KD's partner drawing the
+labels of all samples without a scan, and random access to any image by one ``pread``.
 
 Samples are grouped from tar members exactly as webdataset does (``webdataset.tariterators``:
 key = the member name up to the first dot of its base name, consecutive members with one key
@@ -55,7 +54,7 @@ class ShardFormatError(ValueError):
 # ----------------------------------------------------------------------------------- reading
 @dataclass
 class RawSample:
-    """One undecoded sample: where it lies, its label bytes and (if read) its image bytes."""
+    """One sample of a tar scan: where it and its image lie, and its label bytes."""
     key: str
     shard: str
     """Shard file name (for messages)."""
@@ -67,7 +66,6 @@ class RawSample:
     image_ext: str | None = None
     image_offset: int = -1
     image_size: int = 0
-    image: bytes | None = None
     cls: bytes | None = None
     json: bytes | None = None
 
@@ -95,33 +93,24 @@ def _base_plus_ext(name: str) -> tuple[str | None, str | None]:
     return base_plus_ext(name)
 
 
-def iter_shard(path: str | Path, *, start_offset: int = 0, start_position: int = 0,
-               read_images: bool = True, name: str | None = None,
-               expected: int | None = None) -> Iterator[RawSample]:
-    """Samples of one tar shard from byte ``start_offset`` (a sample's first header, from the
-    index; 0 for the start) on. ``start_position`` is the position of that sample in the shard.
-
-    Only ``cls``/``json`` and the image member are read; with ``read_images=False`` the image is
-    left on disk (``image is None``) and can be fetched later from ``image_offset``. A damaged or
-    truncated shard raises ``ShardFormatError`` saying how many of its samples were complete
-    (and how many ``expected``, the count dataset.json lists, when given).
-    """
-    name = name or Path(path).name
+def iter_shard(path: str | Path) -> Iterator[RawSample]:
+    """The samples of one tar shard, in order: keys, positions, image offsets and label bytes
+    (only ``cls``/``json`` members are read; images stay on disk). A damaged or truncated shard
+    raises ``ShardFormatError`` saying how many of its samples were complete."""
+    name = Path(path).name
     path = str(path)
     with open(path, "rb") as f:
-        f.seek(start_offset)
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
         except tarfile.ReadError as e:
-            if start_offset == 0 and os.fstat(f.fileno()).st_size == 0:
+            if os.fstat(f.fileno()).st_size == 0:
                 return  # an empty file is an empty shard
-            raise ShardFormatError(f"{name}: not a readable tar file at byte {start_offset}: {e}") from None
+            raise ShardFormatError(f"{name}: not a readable tar file: {e}") from None
         current: RawSample | None = None
-        position = start_position
+        position = 0
 
         def found() -> str:
-            listed = f"; dataset.json lists {expected}" if expected is not None else ""
-            return f" ({position} complete samples before it{listed})"
+            return f" ({position} complete samples before it)"
 
         try:
             while True:
@@ -149,8 +138,6 @@ def iter_shard(path: str | Path, *, start_offset: int = 0, start_position: int =
                             raise ShardFormatError(f"{name}: sample '{key}' has two '{ext}' members")
                         continue  # a second image format of the same sample: the first one wins
                     current.image_ext, current.image_offset, current.image_size = ext, info.offset_data, info.size
-                    if read_images:
-                        current.image = _read_member(f, info, name, key, found)
                 elif ext == "cls":
                     if current.cls is not None:
                         raise ShardFormatError(f"{name}: sample '{key}' has two 'cls' members")
@@ -158,7 +145,7 @@ def iter_shard(path: str | Path, *, start_offset: int = 0, start_position: int =
                 elif ext == "json" and info.size <= _MAX_JSON:
                     current.json = _read_member(f, info, name, key, found)
         except (tarfile.TarError, EOFError, OSError) as e:
-            where = f"sample '{current.key}'" if current is not None else f"byte {start_offset}"
+            where = f"sample '{current.key}'" if current is not None else "its start"
             raise ShardFormatError(f"{name}: damaged tar file after {where}: {e}{found()}") from None
         # tarfile ends quietly at an invalid header after the first one; only zero blocks may follow.
         if current is not None:
@@ -187,7 +174,7 @@ def _read_member(f, info: tarfile.TarInfo, shard: str, key: str, found: Callable
 def scan_shard(path: str | Path, shard_index: int = 0) -> dict[str, np.ndarray]:
     """Index rows for every sample of one shard, reading only headers and labels."""
     rows: dict[str, list] = {k: [] for k in INDEX_FIELDS}
-    for s in iter_shard(path, read_images=False):
+    for s in iter_shard(path):
         if s.image_ext is None:
             raise ShardFormatError(f"{Path(path).name}: sample '{s.key}' has no image "
                                    f"(expected one of {sorted(IMAGE_EXTS)})")
@@ -195,7 +182,13 @@ def scan_shard(path: str | Path, shard_index: int = 0) -> dict[str, np.ndarray]:
                      ("image_offset", s.image_offset), ("image_size", s.image_size),
                      ("image_ext", IMAGE_EXTS[s.image_ext])):
             rows[k].append(v)
-    return {k: np.asarray(v, dtype=INDEX_FIELDS[k]) for k, v in rows.items()}
+    columns = {k: np.asarray(v, dtype=INDEX_FIELDS[k]) for k, v in rows.items()}
+    ends = columns["image_offset"] + columns["image_size"]
+    size = os.path.getsize(path)
+    if len(ends) and int(ends.max()) > size:  # cut inside an image: its header was still whole
+        raise ShardFormatError(f"{Path(path).name}: the file is truncated ({size} bytes): "
+                               f"{int(np.count_nonzero(ends <= size))} of its {len(ends)} samples are complete")
+    return columns
 
 
 def _scan_job(job: tuple[str, int]) -> dict[str, np.ndarray]:
@@ -267,6 +260,10 @@ def index_shards(directory: str | Path, *, workers: int = 1, progress: bool = Tr
 
 
 # ------------------------------------------------------------------------------ random access
+MAX_OPEN_SHARDS = 64
+"""Shard files a process keeps open for random access (a batch touches one or two)."""
+
+
 class SampleIndex:
     """Memory-mapped ``samples.npz`` plus random access to any sample's image bytes.
 
@@ -289,8 +286,14 @@ class SampleIndex:
             if k in INDEX_FIELDS and arr.shape != (self.info.num_samples,):
                 raise ShardFormatError(f"{path}: array '{k}' has shape {arr.shape}, but dataset.json "
                                        f"says {self.info.num_samples} samples; re-run `skd shard --index-only`")
+        shard = cols["shard"]
+        counts = np.bincount(shard, minlength=len(self.info.shards)) if len(shard) else np.zeros(0, int)
+        if (len(shard) and np.any(np.diff(shard) < 0)) or counts.tolist()[: len(self.info.shards)] != \
+                [s.num_samples for s in self.info.shards] or len(counts) != len(self.info.shards):
+            raise ShardFormatError(f"{path}: its samples do not lie in the shards of dataset.json in order "
+                                   f"(a stale or mismatched pair); re-run `skd shard --index-only {self.directory}`")
         self._cols = cols
-        self._fds: dict[int, int] = {}
+        self._fds: dict[int, int] = {}  # open shards, least recently used first
         self._pid = os.getpid()
 
     @classmethod
@@ -312,9 +315,6 @@ class SampleIndex:
         """int32 ``[N]``: the class of every sample, by sample id."""
         return self._cols["label"]
 
-    def image_ext(self, sample_id: int) -> str:
-        return EXT_NAMES[int(self._cols["image_ext"][sample_id])]
-
     def read_image_bytes(self, sample_id: int) -> bytes:
         """The encoded image of ``sample_id`` (one seek+read, no scan)."""
         if not 0 <= sample_id < self.info.num_samples:
@@ -328,11 +328,17 @@ class SampleIndex:
         return data
 
     def _fd(self, shard: int) -> int:
+        """An open descriptor of ``shard``. At most ``MAX_OPEN_SHARDS`` stay open per process: a
+        reader moves through the shards, and thousands of them (ImageNet-21k) would exhaust the
+        process's descriptor limit."""
         if self._pid != os.getpid():  # forked: open our own descriptors
             self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(shard)
+        fd = self._fds.pop(shard, None)
         if fd is None:
-            fd = self._fds[shard] = os.open(self.directory / self.info.shards[shard].name, os.O_RDONLY)
+            if len(self._fds) >= MAX_OPEN_SHARDS:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = os.open(self.directory / self.info.shards[shard].name, os.O_RDONLY)
+        self._fds[shard] = fd  # now the most recently used
         return fd
 
     def close(self) -> None:

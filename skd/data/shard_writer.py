@@ -36,7 +36,9 @@ DEFAULT_MAX_PER_SHARD = 5000
 RESIZE_JPEG_QUALITY = 95
 """JPEG quality of JPEGs shrunk by ``--max-side`` when ``--quality`` is not given."""
 _BLOCK = tarfile.BLOCKSIZE
-_PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_PIL_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+"""Formats stored as they are. PIL names a JPEG with a multi-picture marker (camera stereo pairs,
+phone photos with a gain map) "MPO": it is a JPEG, its first picture the image every decoder reads."""
 _TYPECODES = {"int32": "i", "int64": "q", "uint8": "B"}
 
 
@@ -273,7 +275,7 @@ def encode_image(data: bytes, max_side: int | None = None, quality: int | None =
             resize = max_side is not None and max(img.size) > max_side
             if quality is None and not resize and img.format in _PIL_FORMATS:
                 return data, _PIL_FORMATS[img.format]
-            return _reencode(img, img.format == "JPEG", max_side, quality)
+            return _reencode(img, _PIL_FORMATS.get(img.format) == "jpg", max_side, quality)
     except SkippedImage:
         raise
     except Exception as e:  # PIL raises many types for bad input
