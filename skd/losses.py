@@ -224,8 +224,12 @@ def uskd_loss(
     w_NC = _acc(weak_logits)
     N, C = z_NC.shape
     if labels.dim() > 1:
+        # Soft labels (Mixup): the top-2 classes and values, as cls_KD takes them. A row with one
+        # class (λ = 1, or both mixed samples of one class) still yields a second, zero-valued
+        # "label", the lowest-numbered other class (stable sort: the same on every device), which
+        # is then left out of L_nt as in the official code.
         soft_NC = labels.to(z_NC.dtype)
-        value_NK, label_NK = soft_NC.sort(dim=1, descending=True)
+        value_NK, label_NK = soft_NC.sort(dim=1, descending=True, stable=True)
         value_NK, label_NK = value_NK[:, :2], label_NK[:, :2]
         weak_target_NC = 0.9 * soft_NC + 0.1 / C
     else:

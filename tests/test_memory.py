@@ -199,3 +199,19 @@ def test_duplicate_writes_on_cuda_store_what_the_cpu_stores():
             memory.write_rows(index.to(device), {"table": rows.to(device)}, capacity=4096)
             results.append(memory.tensors_on()["table"][:8].cpu())
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_a_write_beyond_capacity_or_of_another_batch_is_refused():
+    """Padding to a per-rank capacity would silently drop the rows past it; a sharded write must
+    follow its own batch's fetch, whose route says where the rows live."""
+    mem = SoftTargetMemory(6, 3, torch.float32)
+    with pytest.raises(ValueError, match="write of 3 rows, more than the capacity 2"):
+        mem.write(torch.tensor([0, 1, 2]), torch.rand(3, 3), capacity=2)
+    shard = ShardedRows(N, FIELDS["dense"], rank=0, world_size=1)
+    fetched = torch.tensor([0, 9])
+    shard.fetch(fetched).wait()
+    with pytest.raises(RuntimeError, match="write_rows of another batch than the last fetch"):
+        shard.write_rows(torch.tensor([1, 2]), {"table": torch.rand(2, C)})
+    shard.fetch(fetched).wait()
+    shard.write_rows(fetched, {"table": torch.ones(2, C)})
+    assert shard.rank_state()["table"][[0, 9]].eq(1).all()

@@ -49,6 +49,9 @@ class ReplicatedRows(nn.Module):
         ``capacity`` is the per-rank batch size: batches are padded to it so every rank
         all-gathers tensors of one shape, even when a batch came out short.
         """
+        if index.shape[0] > capacity:  # a host integer: no sync
+            raise ValueError(f"write of {index.shape[0]} rows, more than the capacity {capacity} every rank "
+                             f"pads its batch to (the per-process batch size)")
         tensors = self.tensors_on(index.device)
         rows = {name: rows[name].to(t.dtype) for name, t in tensors.items()}
         _, world_size = world()

@@ -30,6 +30,7 @@ class _Route:
     send: list[int]  # ids this rank requests from (and rows it writes to) each owner
     recv: list[int]  # ids each rank requests from this one
     local: torch.Tensor  # [sum(recv)] local rows requested from this rank, by (rank, position)
+    index: torch.Tensor  # the fetched batch's ids, to check the write is of the same batch
 
 
 class ShardedRows(nn.Module):
@@ -97,9 +98,10 @@ class ShardedRows(nn.Module):
         tensors = self.tensors_on(index.device)
         route = self._route if self._route is not None else self._route_of(index)
         self._route = None
-        if len(route.order) != index.shape[0]:
-            raise RuntimeError(f"write of {index.shape[0]} rows after a fetch of "
-                               f"{len(route.order)}: write_rows must follow the fetch of its batch")
+        if route.index is not index and (route.index.shape != index.shape
+                                          or route.index.data_ptr() != index.data_ptr()):
+            raise RuntimeError("write_rows of another batch than the last fetch: a write must follow the fetch "
+                               "of its own batch (its route says where the rows live)")
         local = last_write_wins(route.local, scratch=self.num_local_rows)
         for name, t in tensors.items():
             received, _ = self._exchange(rows[name].to(t.dtype)[route.order], route.send, route.recv)
@@ -121,7 +123,7 @@ class ShardedRows(nn.Module):
             counts = torch.cat([send_t, recv_t]).tolist()
             send, recv = counts[: self.world_size], counts[self.world_size:]
         requested, _ = self._exchange(index[order], send, recv)
-        return _Route(order, send, recv, requested - self.start)
+        return _Route(order, send, recv, requested - self.start, index)
 
     def _exchange(self, x: torch.Tensor, send: list[int], recv: list[int],
                   async_op: bool = False) -> tuple[torch.Tensor, Any]:
