@@ -1,4 +1,5 @@
-"""Which path a call takes (Triton or ``skd_kernels.reference``), and the launch shapes of the kernels.
+"""Which path a call takes (Triton or ``skd_kernels.reference``), the launch shapes of the kernels
+and their scalar arguments.
 
 This module does not import Triton, so ``import skd_kernels`` works where Triton is not installed.
 """
@@ -9,7 +10,7 @@ import os
 import torch
 
 __all__ = ["INTERPRET", "FORCE_REFERENCE", "MAX_BLOCK_C", "use_triton", "launch_config",
-           "as_rows", "split_scalar"]
+           "as_rows", "split_scalar", "scalar_args"]
 
 # Triton decides at decoration time whether a @triton.jit kernel is compiled or interpreted, so the
 # flag is read once, at import, exactly as Triton reads it (tests set it in tests/conftest.py).
@@ -74,3 +75,15 @@ def split_scalar(x: float | torch.Tensor, device: torch.device) -> tuple[torch.T
     if isinstance(x, torch.Tensor) and x.device == device:
         return x.detach().reshape(()), 0.0
     return None, float(x)
+
+
+def scalar_args(dummy: torch.Tensor,
+                **scalars: tuple[torch.Tensor | None, float]) -> tuple[list, dict[str, bool]]:
+    """The kernel arguments of scalars split by ``split_scalar``: ``(pointer, value)`` for each,
+    in order (``dummy``, never read, where there is no tensor), and the constexpr flags
+    ``<NAME>_IS_TENSOR`` of the kernel's ``load_scalar``."""
+    args, flags = [], {}
+    for name, (tensor, value) in scalars.items():
+        args += [dummy if tensor is None else tensor, value]
+        flags[f"{name.upper()}_IS_TENSOR"] = tensor is not None
+    return args, flags

@@ -4,9 +4,13 @@ KL divergence (when ``liger_kernel`` is importable), beside a plain copy bandwid
 
     python -m skd_kernels.bench [--out results.json] [--ops softmax_kl pskd_loss] [--dtypes bf16 fp32]
 
+Ops (``CASES``): ``softmax_kl`` (T = 4), ``pskd_loss`` (with ``probs_out``), ``pskd_loss_mixed``
+(the same with a Mixup/CutMix target: λ, partner, label smoothing) and ``pskd_topk_loss`` (a top-k
+memory of k = 32 classes, the new top-k written).
+
 Effective bandwidth = the bytes any implementation must move ÷ the median time: the inputs read
-once and the outputs (gradient, ``probs_out``) written once. ``% copy`` compares it with
-``y.copy_(x)`` measured in the same run. Times are ``triton.testing.do_bench`` medians with
+once and the outputs (gradient, ``probs_out``, the new top-k) written once. ``% copy`` compares
+it with ``y.copy_(x)`` measured in the same run. Times are ``triton.testing.do_bench`` medians with
 20 % / 80 % quantiles. Needs a CUDA GPU; ``--smoke`` only checks this harness on CPU under
 ``TRITON_INTERPRET=1`` (tiny shapes, wall-clock timer, numbers meaningless).
 """
@@ -35,6 +39,8 @@ MODES = ("fwd", "bwd", "full")
 QUANTILES = [0.5, 0.2, 0.8]
 TEMPERATURE = 4.0
 PSKD_ALPHA = 0.5
+MIX_LAM, MIX_SMOOTHING = 0.7, 0.1  # a Mixup/CutMix batch: λ, label smoothing
+TOPK_K = 32  # classes per top-k memory row
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,28 +115,76 @@ def softmax_kl_case(B, C, dtype, device, providers):
     return fns, [s], nbytes
 
 
-def pskd_case(B, C, dtype, device, providers):
-    """Memory and probs_out in the logits' dtype; 2·B memory rows, B distinct ones read."""
+def _pskd_case(B, C, dtype, device, providers, mixed):
+    """Memory and probs_out in the logits' dtype; 2·B memory rows, B distinct ones read. Mixed:
+    λ and ε as device tensors, each row paired with row B − 1 − i (timm's batch mode), so every
+    row also reads its partner's label and memory row."""
     z = (torch.randn(B, C, device=device) * 3).to(dtype).requires_grad_()
     labels = torch.randint(0, C, (B,), device=device)
     memory = torch.softmax(torch.randn(2 * B, C, device=device), -1).to(dtype)
     index = torch.randperm(2 * B, device=device)[:B]
     alpha = torch.tensor(PSKD_ALPHA, device=device)
     probs = torch.empty(B, C, dtype=dtype, device=device)
+    mixing = {}
+    if mixed:
+        mixing = dict(lam=torch.tensor(MIX_LAM, device=device),
+                      partner=torch.arange(B, device=device).flip(0),
+                      smoothing=torch.tensor(MIX_SMOOTHING, device=device))
     fns = {
-        "triton": lambda: skd_kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=probs),
-        "eager": lambda: reference.pskd_loss(z, labels, memory, index, alpha, probs_out=probs),
+        "triton": lambda: skd_kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=probs,
+                                                **mixing),
+        "eager": lambda: reference.pskd_loss(z, labels, memory, index, alpha, probs_out=probs,
+                                             **mixing),
     }
     if "compile" in providers:
         compiled = torch.compile(reference.pskd_loss, dynamic=False)
-        fns["compile"] = lambda: compiled(z, labels, memory, index, alpha, probs_out=probs)
+        fns["compile"] = lambda: compiled(z, labels, memory, index, alpha, probs_out=probs,
+                                          **mixing)
     es = z.element_size()
-    # read z and the memory rows, write probs (and dz)
+    # read z and the memory rows (a partner's row is one of the same B), write probs (and dz)
     nbytes = {"fwd": 3 * es * B * C, "full": 4 * es * B * C}
     return fns, [z], nbytes
 
 
-CASES = {"softmax_kl": softmax_kl_case, "pskd_loss": pskd_case}
+def pskd_case(B, C, dtype, device, providers):
+    return _pskd_case(B, C, dtype, device, providers, mixed=False)
+
+
+def pskd_mixed_case(B, C, dtype, device, providers):
+    return _pskd_case(B, C, dtype, device, providers, mixed=True)
+
+
+def pskd_topk_case(B, C, dtype, device, providers):
+    """A top-k memory of ``TOPK_K`` classes per row (fewer when C is smaller) in the logits'
+    dtype, 2·B rows, B distinct ones read; the new top-k written. The selection of the new top-k
+    is data-dependent: random logits replace few kept classes after the first block."""
+    k = min(TOPK_K, C)
+    z = (torch.randn(B, C, device=device) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, C, (B,), device=device)
+    values, ids = torch.softmax(torch.randn(2 * B, C, device=device), -1).topk(k, dim=-1)
+    values, ids = values.to(dtype), ids.int()
+    index = torch.randperm(2 * B, device=device)[:B]
+    alpha = torch.tensor(PSKD_ALPHA, device=device)
+    values_out = torch.empty(B, k, dtype=dtype, device=device)
+    ids_out = torch.empty(B, k, dtype=torch.int32, device=device)
+    args = (labels, values, ids, index, alpha)
+    out = dict(values_out=values_out, ids_out=ids_out)
+    fns = {
+        "triton": lambda: skd_kernels.pskd_topk_loss(z, *args, **out),
+        "eager": lambda: reference.pskd_topk_loss(z, *args, **out),
+    }
+    if "compile" in providers:
+        compiled = torch.compile(reference.pskd_topk_loss, dynamic=False)
+        fns["compile"] = lambda: compiled(z, *args, **out)
+    es = z.element_size()
+    # read z and the memory rows (values and int32 ids), write the new rows (and dz)
+    topk_rows = 2 * B * k * (es + 4)
+    nbytes = {"fwd": es * B * C + topk_rows, "full": 2 * es * B * C + topk_rows}
+    return fns, [z], nbytes
+
+
+CASES = {"softmax_kl": softmax_kl_case, "pskd_loss": pskd_case,
+         "pskd_loss_mixed": pskd_mixed_case, "pskd_topk_loss": pskd_topk_case}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,7 +254,7 @@ def run_case(op, B, C, dtype_name, device, providers, smoke):
 
 
 def _print_row(row, copy_gbps):
-    head = f"{row['op']:<11}{row['dtype']:<6}{row['B']:>6}{row['C']:>7}  {row['provider']:<9}"
+    head = f"{row['op']:<16}{row['dtype']:<6}{row['B']:>6}{row['C']:>7}  {row['provider']:<9}"
     if "error" in row:
         print(f"{head}error: {row['error']}")
         return
@@ -248,7 +302,7 @@ def main(argv=None):
           f"liger {meta['liger_kernel'] or 'not installed'} | {meta['git_commit'][:12]} | "
           f"{meta['date']}")
     print(f"copy bandwidth (y.copy_(x)): {copy_gbps:.0f} GB/s")
-    print(f"{'op':<11}{'dtype':<6}{'B':>6}{'C':>7}  {'provider':<9}{'mode':<5}{'ms':>9} [p20, p80]"
+    print(f"{'op':<16}{'dtype':<6}{'B':>6}{'C':>7}  {'provider':<9}{'mode':<5}{'ms':>9} [p20, p80]"
           f"{'GB/s':>10}{'% copy':>8}{'peak MB':>9}")
     rows = []
     for op in args.ops:

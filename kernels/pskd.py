@@ -8,8 +8,9 @@ One target covers both (``lam``, ``partner`` and ``smoothing`` default to no mix
 
 Layout (as Liger's ``ops/kl_div.py``): the ``@triton.jit`` kernels, their host launchers, the
 autograd Function over custom ops that make the launchers opaque to ``torch.compile`` (built by
-``skd_kernels._ops``, shared by every kernel), then the public
-functions, which send CPU tensors to ``skd_kernels.reference`` unless ``TRITON_INTERPRET=1``.
+``skd_kernels._ops``, shared by every kernel), then the public functions, which check their
+arguments (``skd_kernels.reference.check_soft_target``, on both paths) and send CPU tensors to
+``skd_kernels.reference`` unless ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -21,24 +22,14 @@ import triton
 import triton.language as tl
 
 from . import _dispatch, _ops, reference
+from ._jit import NEG, load_logits, load_scalar, online_logsumexp, soft_target_grad, softmax
 
 __all__ = ["pskd_loss", "mixup_cross_entropy"]
-
-# Finite "minus infinity" for padded lanes and rows (see softmax_kl.py).
-_NEG = tl.constexpr(-1e30)
 
 
 # ------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------
-@triton.jit
-def _load_scalar(ptr, value, IS_TENSOR: tl.constexpr):
-    if IS_TENSOR:
-        return tl.load(ptr).to(tl.float32)
-    else:
-        return value
-
-
 @triton.jit
 def _soft_weights(mem_rows, mem2_rows, c, mask, a, lam, u,
                   HAS_MEMORY: tl.constexpr, HAS_PARTNER: tl.constexpr):
@@ -65,7 +56,7 @@ def _pskd_fwd_kernel(
     lam_ptr, lam,  # λ, the weight of the row's own label and memory row (LAM_IS_TENSOR)
     eps_ptr, eps,  # ε, the label smoothing (EPS_IS_TENSOR)
     loss_ptr,  # [B] fp32 out: the loss of each row
-    stats_ptr,  # [B, 2] fp32 out: lse(z), sum of the target; saved for the backward
+    stats_ptr,  # [B, 3] fp32 out: max and log normaliser of z, sum of the target; for the backward
     p_ptr, p_stride,  # [B, C] out: softmax(z) in any float dtype, written if WRITE_PROBS
     B, C,
     HAS_MEMORY: tl.constexpr,
@@ -82,9 +73,9 @@ def _pskd_fwd_kernel(
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_ok = rows < B
     cols = tl.arange(0, BLOCK_C)
-    a = _load_scalar(alpha_ptr, alpha, ALPHA_IS_TENSOR)
-    e = _load_scalar(eps_ptr, eps, EPS_IS_TENSOR)
-    lam_ = _load_scalar(lam_ptr, lam, LAM_IS_TENSOR)
+    a = load_scalar(alpha_ptr, alpha, ALPHA_IS_TENSOR)
+    e = load_scalar(eps_ptr, eps, EPS_IS_TENSOR)
+    lam_ = load_scalar(lam_ptr, lam, LAM_IS_TENSOR)
     u = (1.0 - a) * e / C
     y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     y2 = y
@@ -104,23 +95,21 @@ def _pskd_fwd_kernel(
     # One online pass: running max m and normaliser d of z, wsum = sum of the soft weights w
     # (memory and smoothing), and v = sum w_c (m - z_c), centred on the running max. With
     # lse = m + log d:  sum_c w_c (lse - z_c) = wsum log d + v.
-    m = tl.full([BLOCK_B], _NEG, tl.float32)
+    m = tl.full([BLOCK_B], NEG, tl.float32)
     d = tl.zeros([BLOCK_B], tl.float32)
     v = tl.zeros([BLOCK_B], tl.float32)
     wsum = tl.zeros([BLOCK_B], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
         mask = row_ok[:, None] & (c < C)[None, :]
-        z = tl.load(z_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        z = tl.where(mask, z, _NEG)
+        z = load_logits(z_rows + c[None, :], mask)
         w = _soft_weights(mem_rows, mem2_rows, c, mask, a, lam_, u, HAS_MEMORY, HAS_PARTNER)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        d = tl.exp(m - m_new) * d + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_new, d = online_logsumexp(m, d, z)
         v += (m_new - m) * wsum + tl.sum(w * (m_new[:, None] - z), axis=1)
         wsum += tl.sum(w, axis=1)
         m = m_new
-        if WRITE_PROBS and SINGLE_BLOCK:  # the only block: m and d are final
-            p = tl.exp(z - m[:, None]) / d[:, None]
+        if WRITE_PROBS and SINGLE_BLOCK:  # the only block: m and d are final, and exp(z - m)
+            p = tl.exp(z - m[:, None]) / d[:, None]  # is the sum's (the compiler reuses it)
             tl.store(p_ptr + rows[:, None] * p_stride + c[None, :],
                      p.to(p_ptr.dtype.element_ty), mask=mask)
 
@@ -134,17 +123,17 @@ def _pskd_fwd_kernel(
         hard = lam_ * hard + (1.0 - lam_) * (lse - z_y2)
     loss = h * hard + wsum * log_d + v
     tl.store(loss_ptr + rows, loss, mask=row_ok)
-    tl.store(stats_ptr + rows * 2, lse, mask=row_ok)
-    tl.store(stats_ptr + rows * 2 + 1, h + wsum, mask=row_ok)
+    tl.store(stats_ptr + rows * 3, m, mask=row_ok)
+    tl.store(stats_ptr + rows * 3 + 1, log_d, mask=row_ok)
+    tl.store(stats_ptr + rows * 3 + 2, h + wsum, mask=row_ok)
 
     if WRITE_PROBS and not SINGLE_BLOCK:  # wide rows: a second pass over z for the softmax
         for c0 in range(0, C, BLOCK_C):
             c = c0 + cols
             mask = row_ok[:, None] & (c < C)[None, :]
-            z = tl.load(z_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            z = tl.where(mask, z, _NEG)
+            z = load_logits(z_rows + c[None, :], mask)
             tl.store(p_ptr + rows[:, None] * p_stride + c[None, :],
-                     tl.exp(z - lse[:, None]).to(p_ptr.dtype.element_ty), mask=mask)
+                     softmax(z, m, log_d).to(p_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -156,7 +145,7 @@ def _pskd_bwd_kernel(
     idx_ptr,  # [B] integer rows of the memory (HAS_MEMORY)
     partner_ptr,  # [B] integer batch row each row is mixed with (HAS_PARTNER)
     alpha_ptr, alpha, lam_ptr, lam, eps_ptr, eps,
-    stats_ptr,  # [B, 2] fp32: lse(z), sum of the target, from the forward
+    stats_ptr,  # [B, 3] fp32: max and log normaliser of z, sum of the target, from the forward
     dz_ptr,  # [B, C] out, contiguous, the logits' dtype: grad of the logits
     B, C,
     HAS_MEMORY: tl.constexpr,
@@ -171,9 +160,9 @@ def _pskd_bwd_kernel(
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_ok = rows < B
     cols = tl.arange(0, BLOCK_C)
-    a = _load_scalar(alpha_ptr, alpha, ALPHA_IS_TENSOR)
-    e = _load_scalar(eps_ptr, eps, EPS_IS_TENSOR)
-    lam_ = _load_scalar(lam_ptr, lam, LAM_IS_TENSOR)
+    a = load_scalar(alpha_ptr, alpha, ALPHA_IS_TENSOR)
+    e = load_scalar(eps_ptr, eps, EPS_IS_TENSOR)
+    lam_ = load_scalar(lam_ptr, lam, LAM_IS_TENSOR)
     u = (1.0 - a) * e / C
     h = (1.0 - a) * (1.0 - e)
     g = tl.load(g_ptr + rows * g_stride, mask=row_ok, other=0.0).to(tl.float32)
@@ -182,8 +171,9 @@ def _pskd_bwd_kernel(
     if HAS_PARTNER:
         partner = tl.load(partner_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         y2 = tl.load(y_ptr + partner, mask=row_ok, other=0).to(tl.int64)
-    lse = tl.load(stats_ptr + rows * 2, mask=row_ok, other=0.0)
-    tsum = tl.load(stats_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+    m = tl.load(stats_ptr + rows * 3, mask=row_ok, other=0.0)
+    log_d = tl.load(stats_ptr + rows * 3 + 1, mask=row_ok, other=0.0)
+    tsum = tl.load(stats_ptr + rows * 3 + 2, mask=row_ok, other=0.0)
     z_rows = z_ptr + rows[:, None] * z_stride
     mem_rows = mem_ptr
     mem2_rows = mem_ptr
@@ -196,70 +186,62 @@ def _pskd_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
         mask = row_ok[:, None] & (c < C)[None, :]
-        z = tl.load(z_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = load_logits(z_rows + c[None, :], mask)
         target = _soft_weights(mem_rows, mem2_rows, c, mask, a, lam_, u, HAS_MEMORY, HAS_PARTNER)
         if HAS_PARTNER:
             target += h * (lam_ * (c[None, :] == y[:, None]).to(tl.float32)
                            + (1.0 - lam_) * (c[None, :] == y2[:, None]).to(tl.float32))
         else:
             target += tl.where(c[None, :] == y[:, None], h, 0.0)
-        dz = g[:, None] * (tsum[:, None] * tl.exp(z - lse[:, None]) - target)
+        dz = soft_target_grad(g, tsum, softmax(z, m, log_d), target)
         tl.store(dz_ptr + rows[:, None] * C + c[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
 # host launchers
 # ------------------------------------------------------------------------------------------------
-def _scalar_args(alpha_t, alpha_f, lam_t, lam_f, eps_t, eps_f, dummy):
-    """Kernel arguments and constexprs of the three scalars (a tensor, or a float read as is)."""
-    args = (alpha_t if alpha_t is not None else dummy, alpha_f,
-            lam_t if lam_t is not None else dummy, lam_f,
-            eps_t if eps_t is not None else dummy, eps_f)
-    flags = dict(ALPHA_IS_TENSOR=alpha_t is not None, LAM_IS_TENSOR=lam_t is not None,
-                 EPS_IS_TENSOR=eps_t is not None)
-    return args, flags
-
-
 def _forward(z_BC: torch.Tensor, labels_B: torch.Tensor, memory_NC: Optional[torch.Tensor], index_B: Optional[torch.Tensor], partner_B: Optional[torch.Tensor],
              alpha_t: Optional[torch.Tensor], alpha_f: float, lam_t: Optional[torch.Tensor], lam_f: float, eps_t: Optional[torch.Tensor],
              eps_f: float, probs_BC: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     B, C = z_BC.shape
     loss_B = torch.empty(B, dtype=torch.float32, device=z_BC.device)
-    stats_B2 = torch.empty(B, 2, dtype=torch.float32, device=z_BC.device)
+    stats_B3 = torch.empty(B, 3, dtype=torch.float32, device=z_BC.device)
     if B == 0:
-        return loss_B, stats_B2
+        return loss_B, stats_B3
     block_b, block_c, options = _dispatch.launch_config(B, C, z_BC.device)
     has_memory, write_probs = memory_NC is not None, probs_BC is not None
-    scalars, flags = _scalar_args(alpha_t, alpha_f, lam_t, lam_f, eps_t, eps_f, loss_B)
+    scalars, flags = _dispatch.scalar_args(loss_B, alpha=(alpha_t, alpha_f), lam=(lam_t, lam_f),
+                                           eps=(eps_t, eps_f))
     _pskd_fwd_kernel[(triton.cdiv(B, block_b),)](
         z_BC, z_BC.stride(0), labels_B,
         memory_NC if has_memory else loss_B, memory_NC.stride(0) if has_memory else 0,
         index_B if has_memory else labels_B, partner_B if partner_B is not None else labels_B,
-        *scalars, loss_B, stats_B2,
+        *scalars, loss_B, stats_B3,
         probs_BC if write_probs else loss_B, probs_BC.stride(0) if write_probs else 0,
         B, C,
         HAS_MEMORY=has_memory, HAS_PARTNER=partner_B is not None, **flags,
         WRITE_PROBS=write_probs, SINGLE_BLOCK=C <= block_c,
         BLOCK_B=block_b, BLOCK_C=block_c, **options,
     )
-    return loss_B, stats_B2
+    return loss_B, stats_B3
 
 
 def _backward(grad_B: torch.Tensor, z_BC: torch.Tensor, labels_B: torch.Tensor, memory_NC: Optional[torch.Tensor], index_B: Optional[torch.Tensor],
               partner_B: Optional[torch.Tensor], alpha_t: Optional[torch.Tensor], alpha_f: float, lam_t: Optional[torch.Tensor], lam_f: float,
-              eps_t: Optional[torch.Tensor], eps_f: float, stats_B2: torch.Tensor) -> torch.Tensor:
+              eps_t: Optional[torch.Tensor], eps_f: float, stats_B3: torch.Tensor) -> torch.Tensor:
     B, C = z_BC.shape
     dz_BC = torch.empty((B, C), dtype=z_BC.dtype, device=z_BC.device)
     if B == 0:
         return dz_BC
     block_b, block_c, options = _dispatch.launch_config(B, C, z_BC.device)
     has_memory = memory_NC is not None
-    scalars, flags = _scalar_args(alpha_t, alpha_f, lam_t, lam_f, eps_t, eps_f, stats_B2)
+    scalars, flags = _dispatch.scalar_args(stats_B3, alpha=(alpha_t, alpha_f), lam=(lam_t, lam_f),
+                                           eps=(eps_t, eps_f))
     _pskd_bwd_kernel[(triton.cdiv(B, block_b),)](
         grad_B, grad_B.stride(0), z_BC, z_BC.stride(0), labels_B,
-        memory_NC if has_memory else stats_B2, memory_NC.stride(0) if has_memory else 0,
+        memory_NC if has_memory else stats_B3, memory_NC.stride(0) if has_memory else 0,
         index_B if has_memory else labels_B, partner_B if partner_B is not None else labels_B,
-        *scalars, stats_B2, dz_BC,
+        *scalars, stats_B3, dz_BC,
         B, C,
         HAS_MEMORY=has_memory, HAS_PARTNER=partner_B is not None, **flags,
         BLOCK_B=block_b, BLOCK_C=block_c, **options,
@@ -281,12 +263,13 @@ def _backward(grad_B: torch.Tensor, z_BC: torch.Tensor, labels_B: torch.Tensor, 
 #
 # (S_i is 1 for memory rows that sum to 1; the gradient uses its actual sum, as autograd of
 # the reference does.) The forward reads the logits and the memory rows once (online max and
-# sum), optionally writes ``softmax(z_i)`` into ``probs_out`` in the same pass, and saves
-# ``lse`` and ``S`` of each row; the backward recomputes the gradient from the logits and the
-# memory, scaled by the incoming row gradient in fp32. The memory is saved for the backward,
+# sum), optionally writes ``softmax(z_i)`` into ``probs_out`` in the same pass, and saves the
+# max and log normaliser of ``z_i`` (kept apart: see skd_kernels._jit) and ``S_i``; the backward
+# recomputes the gradient from the logits and the memory, scaled by the incoming row gradient
+# in fp32. The memory is saved for the backward,
 # so writing it in place between forward and backward is an autograd error, not a silent
 # change of the gradient.
-PSKDLossFunction = _ops.fused_row_loss("pskd", sys.modules[__name__], num_stats=2,
+PSKDLossFunction = _ops.fused_row_loss("pskd", sys.modules[__name__], num_stats=3,
                                          outputs=("probs_BC",))
 
 
@@ -296,25 +279,19 @@ PSKDLossFunction = _ops.fused_row_loss("pskd", sys.modules[__name__], num_stats=
 def _soft_target_loss(logits, labels, memory, index, alpha, reduction, probs_out, lam, partner,
                       smoothing):
     """The Triton path of both public functions (``memory`` None: no memory, α = 0)."""
-    reference.check_mixing(lam, partner, smoothing)
-    reference.check_reduction(reduction)
+    reference.check_soft_target(logits, labels, reduction, lam, partner, smoothing, memory, index,
+                                probs_out)
     z_BC = _dispatch.as_rows(logits)
     B, C = z_BC.shape
     memory_NC = index_B = None
     if memory is not None:
-        if memory.dim() != 2 or memory.shape[1] != C:
-            raise ValueError(f"memory must be [N, {C}], got {tuple(memory.shape)}")
         memory_NC, index_B = _dispatch.as_rows(memory.detach()), index.reshape(-1)
-    if partner is not None and partner.shape != (B,):
-        raise ValueError(f"partner must be [{B}] (a batch row per row), got {tuple(partner.shape)}")
-    if probs_out is not None and (probs_out.shape != logits.shape or probs_out.stride(-1) != 1):
-        raise ValueError(f"probs_out must be {tuple(logits.shape)} with a unit class stride, got "
-                         f"{tuple(probs_out.shape)} with strides {probs_out.stride()}")
+    partner_B = None if partner is None else partner.reshape(-1)
     probs_BC = None if probs_out is None else probs_out.view(B, C)
     alpha_t, alpha_f = _dispatch.split_scalar(alpha, z_BC.device)
     lam_t, lam_f = _dispatch.split_scalar(lam, z_BC.device)
     eps_t, eps_f = _dispatch.split_scalar(smoothing, z_BC.device)
-    loss_B = PSKDLossFunction.apply(z_BC, labels.reshape(-1), memory_NC, index_B, partner,
+    loss_B = PSKDLossFunction.apply(z_BC, labels.reshape(-1), memory_NC, index_B, partner_B,
                                     alpha_t, alpha_f, lam_t, lam_f, eps_t, eps_f, probs_BC)
     return reference.reduce_rows(loss_B.reshape(logits.shape[:-1]), reduction)
 

@@ -8,7 +8,8 @@ other ``C − k`` classes (``rest="spread"``) or dropped, the ``k`` values renor
 memory (``skd_kernels.reference.topk_rows_dense`` is the definition).
 
 Layout as ``pskd.py``: the ``@triton.jit`` kernels, their host launchers, the autograd Function
-over custom ops (``skd_kernels._ops``), then the public function.
+over custom ops (``skd_kernels._ops``), then the public function, which checks its arguments
+(``skd_kernels.reference.check_pskd_topk``, on both paths).
 
 The top-k of the new softmax is selected by logit, in the forward's single pass over the row, block
 by block: each logit becomes an int64 key (its fp32 bits made monotone in the high word, ``C−1−c``
@@ -28,11 +29,10 @@ import triton
 import triton.language as tl
 
 from . import _dispatch, _ops, reference
-from .pskd import _load_scalar
+from ._jit import NEG, load_logits, load_scalar, online_logsumexp, soft_target_grad, softmax
 
 __all__ = ["pskd_topk_loss"]
 
-_NEG = tl.constexpr(-1e30)  # finite "minus infinity" for padded lanes (see softmax_kl.py)
 _MIN_KEY = tl.constexpr(-9223372036854775807 - 1)  # below every key of a real logit
 
 
@@ -91,7 +91,7 @@ def _pskd_topk_fwd_kernel(
     idx_ptr,  # [B] integer rows of the memory (duplicates allowed)
     alpha_ptr, alpha,  # alpha: a 0-dim tensor (ALPHA_IS_TENSOR) or a scalar
     loss_ptr,  # [B] fp32 out: the loss of each row
-    stats_ptr,  # [B, 2] fp32 out: lse(z), sum of the target; saved for the backward
+    stats_ptr,  # [B, 3] fp32 out: max and log normaliser of z, sum of the target; for the backward
     ov_ptr, ov_stride,  # [B, K] out: the K largest probabilities of softmax(z), if WRITE_TOPK
     oi_ptr, oi_stride,  # [B, K] int32 out: their class ids, largest first
     B, C, K,
@@ -108,7 +108,7 @@ def _pskd_topk_fwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     slots = tl.arange(0, BLOCK_K)
     slot_ok = row_ok[:, None] & (slots < K)[None, :]
-    a = _load_scalar(alpha_ptr, alpha, ALPHA_IS_TENSOR)
+    a = load_scalar(alpha_ptr, alpha, ALPHA_IS_TENSOR)
     y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     idx = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     z_rows = z_ptr + rows[:, None] * z_stride
@@ -123,17 +123,15 @@ def _pskd_topk_fwd_kernel(
     # target is (1 - a) onehot + a (q at the stored ids, u elsewhere), hence
     #   loss = (1 - a)(lse - z_y) + a [sum_j q_j t_j + u (sum_c (lse - z_c) - sum_j t_j)],
     # with t_j = lse - z at the j-th stored id.
-    m = tl.full([BLOCK_B], _NEG, tl.float32)
+    m = tl.full([BLOCK_B], NEG, tl.float32)
     d = tl.zeros([BLOCK_B], tl.float32)
     w = tl.zeros([BLOCK_B], tl.float32)
     kept = tl.full([BLOCK_B, BLOCK_K], _MIN_KEY, tl.int64) + slots[None, :]  # unique fillers
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
         mask = row_ok[:, None] & (c < C)[None, :]
-        z = tl.load(z_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        z = tl.where(mask, z, _NEG)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        d = tl.exp(m - m_new) * d + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        z = load_logits(z_rows + c[None, :], mask)
+        m_new, d = online_logsumexp(m, d, z)
         w += (m_new - m) * c0 + tl.sum(tl.where(mask, m_new[:, None] - z, 0.0), axis=1)
         m = m_new
         if WRITE_TOPK:
@@ -141,21 +139,24 @@ def _pskd_topk_fwd_kernel(
 
     log_d = tl.log(d)
     lse = m + log_d
-    z_ids = tl.load(z_rows + ids, mask=slot_ok, other=0.0).to(tl.float32)
-    t = tl.where(slot_ok, lse[:, None] - z_ids, 0.0)
+    t = tl.where(slot_ok, lse[:, None] - load_logits(z_rows + ids, slot_ok), 0.0)
     z_y = tl.load(z_ptr + rows * z_stride + y, mask=row_ok, other=0.0).to(tl.float32)
     others = w + C * log_d - tl.sum(t, axis=1)
     loss = (1.0 - a) * (lse - z_y) + a * (tl.sum(q * t, axis=1) + u * others)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
-    tl.store(stats_ptr + rows * 2, lse, mask=row_ok)
-    tl.store(stats_ptr + rows * 2 + 1, (1.0 - a) + a * (tl.sum(q, axis=1) + u * (C - K)),
+    tl.store(stats_ptr + rows * 3, m, mask=row_ok)
+    tl.store(stats_ptr + rows * 3 + 1, log_d, mask=row_ok)
+    tl.store(stats_ptr + rows * 3 + 2, (1.0 - a) + a * (tl.sum(q, axis=1) + u * (C - K)),
              mask=row_ok)
 
     if WRITE_TOPK:  # the kept keys, largest first
         for j in range(0, K):
             top = tl.max(kept, axis=1)
-            tl.store(ov_ptr + rows * ov_stride + j,
-                     tl.exp(_key_logit(top) - lse).to(ov_ptr.dtype.element_ty), mask=row_ok)
+            # A padded row kept only fillers, whose bits are no number: NEG there.
+            logit = tl.where(row_ok, _key_logit(top), NEG)
+            tl.store(ov_ptr + rows[:, None] * ov_stride + j,
+                     softmax(logit[:, None], m, log_d).to(ov_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
             tl.store(oi_ptr + rows * oi_stride + j, (C - 1 - (top & 0xFFFFFFFF)).to(tl.int32),
                      mask=row_ok)
             kept = tl.where(kept == top[:, None], _MIN_KEY, kept)
@@ -170,7 +171,7 @@ def _pskd_topk_bwd_kernel(
     mi_ptr, mi_stride,  # [N, K] memory: their class ids
     idx_ptr,  # [B] integer rows of the memory
     alpha_ptr, alpha,
-    stats_ptr,  # [B, 2] fp32: lse(z), sum of the target, from the forward
+    stats_ptr,  # [B, 3] fp32: max and log normaliser of z, sum of the target, from the forward
     dz_ptr,  # [B, C] out, contiguous, the logits' dtype: grad of the logits
     B, C, K,
     ALPHA_IS_TENSOR: tl.constexpr,
@@ -185,12 +186,13 @@ def _pskd_topk_bwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     slots = tl.arange(0, BLOCK_K)
     slot_ok = row_ok[:, None] & (slots < K)[None, :]
-    a = _load_scalar(alpha_ptr, alpha, ALPHA_IS_TENSOR)
+    a = load_scalar(alpha_ptr, alpha, ALPHA_IS_TENSOR)
     g = tl.load(g_ptr + rows * g_stride, mask=row_ok, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     idx = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    lse = tl.load(stats_ptr + rows * 2, mask=row_ok, other=0.0)
-    tsum = tl.load(stats_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+    m = tl.load(stats_ptr + rows * 3, mask=row_ok, other=0.0)
+    log_d = tl.load(stats_ptr + rows * 3 + 1, mask=row_ok, other=0.0)
+    tsum = tl.load(stats_ptr + rows * 3 + 2, mask=row_ok, other=0.0)
     values = tl.load(mv_ptr + idx[:, None] * mv_stride + slots[None, :], mask=slot_ok,
                      other=0.0).to(tl.float32)
     ids = tl.load(mi_ptr + idx[:, None] * mi_stride + slots[None, :], mask=slot_ok,
@@ -203,14 +205,14 @@ def _pskd_topk_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
         mask = row_ok[:, None] & (c < C)[None, :]
-        z = tl.load(z_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = load_logits(z_rows + c[None, :], mask)
         target = a * u[:, None] + tl.where(c[None, :] == y[:, None], 1.0 - a, 0.0)
-        dz = g[:, None] * (tsum[:, None] * tl.exp(z - lse[:, None]) - target)
+        dz = soft_target_grad(g, tsum, softmax(z, m, log_d), target)
         tl.store(dz_rows + c[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
     tl.debug_barrier()  # every thread's dense store lands before the stored classes are rewritten
-    z_ids = tl.load(z_rows + ids, mask=slot_ok, other=0.0).to(tl.float32)
+    z_ids = load_logits(z_rows + ids, slot_ok)
     target = a * q + tl.where(ids == y[:, None], 1.0 - a, 0.0)
-    dz = g[:, None] * (tsum[:, None] * tl.exp(z_ids - lse[:, None]) - target)
+    dz = soft_target_grad(g, tsum, softmax(z_ids, m, log_d), target)
     tl.store(dz_rows + ids, dz.to(dz_ptr.dtype.element_ty), mask=slot_ok)
 
 
@@ -223,37 +225,39 @@ def _forward(z_BC: torch.Tensor, labels_B: torch.Tensor, values_NK: torch.Tensor
     B, C = z_BC.shape
     K = values_NK.shape[1]
     loss_B = torch.empty(B, dtype=torch.float32, device=z_BC.device)
-    stats_B2 = torch.empty(B, 2, dtype=torch.float32, device=z_BC.device)
+    stats_B3 = torch.empty(B, 3, dtype=torch.float32, device=z_BC.device)
     if B == 0:
-        return loss_B, stats_B2
+        return loss_B, stats_B3
     block_b, block_c, options = _dispatch.launch_config(B, C, z_BC.device)
     write = values_BK is not None
+    scalars, flags = _dispatch.scalar_args(loss_B, alpha=(alpha_t, alpha_f))
     _pskd_topk_fwd_kernel[(triton.cdiv(B, block_b),)](
         z_BC, z_BC.stride(0), labels_B, values_NK, values_NK.stride(0), ids_NK, ids_NK.stride(0),
-        index_B, alpha_t if alpha_t is not None else loss_B, alpha_f, loss_B, stats_B2,
+        index_B, *scalars, loss_B, stats_B3,
         values_BK if write else loss_B, values_BK.stride(0) if write else 0,
         ids_BK if write else loss_B, ids_BK.stride(0) if write else 0,
         B, C, K,
-        ALPHA_IS_TENSOR=alpha_t is not None, REST_SPREAD=rest_spread, WRITE_TOPK=write,
+        **flags, REST_SPREAD=rest_spread, WRITE_TOPK=write,
         BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(K), **options,
     )
-    return loss_B, stats_B2
+    return loss_B, stats_B3
 
 
 def _backward(grad_B: torch.Tensor, z_BC: torch.Tensor, labels_B: torch.Tensor, values_NK: torch.Tensor, ids_NK: torch.Tensor,
-              index_B: torch.Tensor, alpha_t: Optional[torch.Tensor], alpha_f: float, rest_spread: bool, stats_B2: torch.Tensor) -> torch.Tensor:
+              index_B: torch.Tensor, alpha_t: Optional[torch.Tensor], alpha_f: float, rest_spread: bool, stats_B3: torch.Tensor) -> torch.Tensor:
     B, C = z_BC.shape
     K = values_NK.shape[1]
     dz_BC = torch.empty((B, C), dtype=z_BC.dtype, device=z_BC.device)
     if B == 0:
         return dz_BC
     block_b, block_c, options = _dispatch.launch_config(B, C, z_BC.device)
+    scalars, flags = _dispatch.scalar_args(stats_B3, alpha=(alpha_t, alpha_f))
     _pskd_topk_bwd_kernel[(triton.cdiv(B, block_b),)](
         grad_B, grad_B.stride(0), z_BC, z_BC.stride(0), labels_B,
         values_NK, values_NK.stride(0), ids_NK, ids_NK.stride(0), index_B,
-        alpha_t if alpha_t is not None else stats_B2, alpha_f, stats_B2, dz_BC,
+        *scalars, stats_B3, dz_BC,
         B, C, K,
-        ALPHA_IS_TENSOR=alpha_t is not None, REST_SPREAD=rest_spread,
+        **flags, REST_SPREAD=rest_spread,
         BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(K), **options,
     )
     return dz_BC
@@ -271,10 +275,11 @@ def _backward(grad_B: torch.Tensor, z_BC: torch.Tensor, labels_B: torch.Tensor, 
 #     ∂loss_i/∂z_i = S_i · softmax(z_i) − target_i,   S_i = (1 − α) + α (Σ_j q_j + (C − k) u)
 #
 # The forward reads the logits once (online max and sum, plus the running top-k when asked),
-# gathers the k stored logits, and saves ``lse`` and ``S``; the backward writes every class's
-# gradient with target ``α·u`` (plus the label), then rewrites the k stored classes. The memory
-# is saved for the backward, so writing it between forward and backward is an autograd error.
-PSKDTopKLossFunction = _ops.fused_row_loss("pskd_topk", sys.modules[__name__], num_stats=2,
+# gathers the k stored logits, and saves the max and log normaliser of the row (kept apart: see
+# skd_kernels._jit) and ``S``; the backward writes every class's gradient with target ``α·u``
+# (plus the label), then rewrites the k stored classes. The memory is saved for the backward,
+# so writing it between forward and backward is an autograd error.
+PSKDTopKLossFunction = _ops.fused_row_loss("pskd_topk", sys.modules[__name__], num_stats=3,
                                              outputs=("values_BK", "ids_BK"))
 
 
@@ -307,33 +312,14 @@ def pskd_topk_loss(
     (and CPU tensors under ``TRITON_INTERPRET=1``) run the Triton kernel; others, and float64,
     run ``skd_kernels.reference.pskd_topk_loss``.
     """
-    reference.check_reduction(reduction)
-    reference.check_rest(rest)
-    C = logits.shape[-1]
-    if memory_values.dim() != 2 or memory_ids.shape != memory_values.shape:
-        raise ValueError(f"memory_values and memory_ids must both be [N, k], got "
-                         f"{tuple(memory_values.shape)} and {tuple(memory_ids.shape)}")
-    k = memory_values.shape[1]
-    if not 1 <= k <= C:
-        raise ValueError(f"the memory's k = {k} must be in [1, {C}] (the number of classes)")
-    if (values_out is None) != (ids_out is None):
-        raise ValueError("values_out and ids_out go together: give both or neither")
-    if values_out is not None:
-        expected = (*logits.shape[:-1], k)
-        for name, out in (("values_out", values_out), ("ids_out", ids_out)):
-            if out.shape != expected or out.stride(-1) != 1:
-                raise ValueError(f"{name} must be {expected} with a unit inner stride, got "
-                                 f"{tuple(out.shape)} with strides {out.stride()}")
-        if ids_out.dtype != torch.int32:
-            raise ValueError(f"ids_out must be int32, got {ids_out.dtype}")
     if not _dispatch.use_triton(logits):
         return reference.pskd_topk_loss(logits, labels, memory_values, memory_ids, index, alpha,
                                         reduction, rest=rest, values_out=values_out,
                                         ids_out=ids_out)
-    if memory_ids.dtype != torch.int32:
-        raise ValueError(f"memory_ids must be int32, got {memory_ids.dtype}")
+    reference.check_pskd_topk(logits, labels, memory_values, memory_ids, index, reduction, rest,
+                              values_out, ids_out)
     z_BC = _dispatch.as_rows(logits)
-    B = z_BC.shape[0]
+    B, k = z_BC.shape[0], memory_values.shape[1]
     values_NK = _dispatch.as_rows(memory_values.detach())
     ids_NK = _dispatch.as_rows(memory_ids)
     values_BK = None if values_out is None else values_out.view(B, k)

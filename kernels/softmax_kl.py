@@ -2,8 +2,9 @@
 
 Layout (as Liger's ``ops/kl_div.py``): the ``@triton.jit`` kernels, their host launchers, the
 autograd Function over custom ops that make the launchers opaque to ``torch.compile`` (built by
-``skd_kernels._ops``, shared by every kernel), then the public
-function, which sends CPU tensors to ``skd_kernels.reference`` unless ``TRITON_INTERPRET=1``.
+``skd_kernels._ops``, shared by every kernel), then the public function, which checks its
+arguments and sends CPU tensors to ``skd_kernels.reference`` unless ``TRITON_INTERPRET=1``. The
+``@triton.jit`` helpers shared by the kernels are in ``skd_kernels._jit``.
 """
 from __future__ import annotations
 
@@ -15,12 +16,9 @@ import triton
 import triton.language as tl
 
 from . import _dispatch, _ops, reference
+from ._jit import NEG, online_logsumexp, softmax
 
 __all__ = ["softmax_kl"]
-
-# Finite "minus infinity" for padded lanes and rows: exp() of it is 0, and padded rows never meet
-# inf - inf (so no NaN is ever computed, also not in rows that are not stored).
-_NEG = tl.constexpr(-1e30)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -32,7 +30,7 @@ def _softmax_kl_fwd_kernel(
     t_ptr, t_stride,  # [B, C] teacher logits
     y_ptr,  # [B] integer labels, read if HAS_LABELS
     loss_ptr,  # [B] fp32 out: the loss of each row
-    stats_ptr,  # [B, 3] fp32 out: lse(s/T), lse(t/T), lse(s), saved for the backward
+    stats_ptr,  # [B, 6] fp32 out: (max, log normaliser) of s/T, t/T and s, for the backward
     B, C,
     inv_T,  # 1 / T
     kl_scale,  # kl_weight * T^2
@@ -52,9 +50,9 @@ def _softmax_kl_fwd_kernel(
     # One online pass over the row. a = s/T, b = t/T; running maxima m_*, normalisers d_* (sums of
     # exp(x - m)), and w = sum exp(b - m_b) * ((b - m_b) - (a - m_a)), kept centred on the running
     # maxima so that large logits (1e4) do not cancel. Then KL = w/d_b - log d_b + log d_a.
-    m_a = tl.full([BLOCK_B], _NEG, tl.float32)
-    m_b = tl.full([BLOCK_B], _NEG, tl.float32)
-    m_s = tl.full([BLOCK_B], _NEG, tl.float32)
+    m_a = tl.full([BLOCK_B], NEG, tl.float32)
+    m_b = tl.full([BLOCK_B], NEG, tl.float32)
+    m_s = tl.full([BLOCK_B], NEG, tl.float32)
     d_a = tl.zeros([BLOCK_B], tl.float32)
     d_b = tl.zeros([BLOCK_B], tl.float32)
     d_s = tl.zeros([BLOCK_B], tl.float32)
@@ -64,41 +62,40 @@ def _softmax_kl_fwd_kernel(
         mask = row_ok[:, None] & (c < C)[None, :]
         s = tl.load(s_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
         t = tl.load(t_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        a = tl.where(mask, s * inv_T, _NEG)
-        b = tl.where(mask, t * inv_T, _NEG)
-        m_a_new = tl.maximum(m_a, tl.max(a, axis=1))
-        m_b_new = tl.maximum(m_b, tl.max(b, axis=1))
-        a_c = a - m_a_new[:, None]
+        a = tl.where(mask, s * inv_T, NEG)
+        b = tl.where(mask, t * inv_T, NEG)
+        m_a_new, d_a = online_logsumexp(m_a, d_a, a)
+        m_b_new, d_b_new = online_logsumexp(m_b, d_b, b)
         b_c = b - m_b_new[:, None]
-        e_b = tl.exp(b_c)
-        r_b = tl.exp(m_b - m_b_new)
         shift = (m_b - m_b_new) - (m_a - m_a_new)  # re-centres w on the new maxima
-        w = r_b * (w + d_b * shift) + tl.sum(e_b * (b_c - a_c), axis=1)
-        d_b = r_b * d_b + tl.sum(e_b, axis=1)
-        d_a = tl.exp(m_a - m_a_new) * d_a + tl.sum(tl.exp(a_c), axis=1)
+        w = (tl.exp(m_b - m_b_new) * (w + d_b * shift)
+             + tl.sum(tl.exp(b_c) * (b_c - (a - m_a_new[:, None])), axis=1))
+        d_b = d_b_new
         m_a = m_a_new
         m_b = m_b_new
         if CE_OWN_LSE:
-            x = tl.where(mask, s, _NEG)
-            m_s_new = tl.maximum(m_s, tl.max(x, axis=1))
-            d_s = tl.exp(m_s - m_s_new) * d_s + tl.sum(tl.exp(x - m_s_new[:, None]), axis=1)
-            m_s = m_s_new
+            m_s, d_s = online_logsumexp(m_s, d_s, tl.where(mask, s, NEG))
 
     log_d_a = tl.log(d_a)
     log_d_b = tl.log(d_b)
     loss = kl_scale * (w / d_b - log_d_b + log_d_a)
-    lse_a = m_a + log_d_a
-    lse_s = lse_a
+    m_ce = m_a  # T = 1: the CE's softmax is that of a
+    log_d_ce = log_d_a
     if HAS_LABELS:
         if CE_OWN_LSE:
-            lse_s = m_s + tl.log(d_s)
+            m_ce = m_s
+            log_d_ce = tl.log(d_s)
         y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         s_y = tl.load(s_ptr + rows * s_stride + y, mask=row_ok, other=0.0).to(tl.float32)
-        loss += ce_weight * (lse_s - s_y)
+        loss += ce_weight * (m_ce + log_d_ce - s_y)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
-    tl.store(stats_ptr + rows * 3, lse_a, mask=row_ok)
-    tl.store(stats_ptr + rows * 3 + 1, m_b + log_d_b, mask=row_ok)
-    tl.store(stats_ptr + rows * 3 + 2, lse_s, mask=row_ok)
+    stats = stats_ptr + rows * 6
+    tl.store(stats, m_a, mask=row_ok)
+    tl.store(stats + 1, log_d_a, mask=row_ok)
+    tl.store(stats + 2, m_b, mask=row_ok)
+    tl.store(stats + 3, log_d_b, mask=row_ok)
+    tl.store(stats + 4, m_ce, mask=row_ok)
+    tl.store(stats + 5, log_d_ce, mask=row_ok)
 
 
 @triton.jit
@@ -107,7 +104,7 @@ def _softmax_kl_bwd_kernel(
     s_ptr, s_stride,  # [B, C] student logits
     t_ptr, t_stride,  # [B, C] teacher logits
     y_ptr,  # [B] integer labels, read if HAS_LABELS
-    stats_ptr,  # [B, 3] fp32: lse(s/T), lse(t/T), lse(s) from the forward
+    stats_ptr,  # [B, 6] fp32: (max, log normaliser) of s/T, t/T and s, from the forward
     ds_ptr,  # [B, C] out, contiguous, the student's dtype: grad of the student logits
     B, C,
     inv_T,
@@ -122,9 +119,13 @@ def _softmax_kl_bwd_kernel(
     row_ok = rows < B
     cols = tl.arange(0, BLOCK_C)
     g = tl.load(g_ptr + rows * g_stride, mask=row_ok, other=0.0).to(tl.float32)
-    lse_a = tl.load(stats_ptr + rows * 3, mask=row_ok, other=0.0)
-    lse_b = tl.load(stats_ptr + rows * 3 + 1, mask=row_ok, other=0.0)
-    lse_s = tl.load(stats_ptr + rows * 3 + 2, mask=row_ok, other=0.0)
+    stats = stats_ptr + rows * 6
+    m_a = tl.load(stats, mask=row_ok, other=0.0)
+    log_d_a = tl.load(stats + 1, mask=row_ok, other=0.0)
+    m_b = tl.load(stats + 2, mask=row_ok, other=0.0)
+    log_d_b = tl.load(stats + 3, mask=row_ok, other=0.0)
+    m_ce = tl.load(stats + 4, mask=row_ok, other=0.0)
+    log_d_ce = tl.load(stats + 5, mask=row_ok, other=0.0)
     y = tl.zeros([BLOCK_B], tl.int64)
     if HAS_LABELS:
         y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
@@ -135,12 +136,12 @@ def _softmax_kl_bwd_kernel(
         mask = row_ok[:, None] & (c < C)[None, :]
         s = tl.load(s_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
         t = tl.load(t_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        q = tl.exp(s * inv_T - lse_a[:, None])
-        p = tl.exp(t * inv_T - lse_b[:, None])
+        q = softmax(tl.where(mask, s * inv_T, NEG), m_a, log_d_a)
+        p = softmax(tl.where(mask, t * inv_T, NEG), m_b, log_d_b)
         d = kl_coef * (q - p)
         if HAS_LABELS:
             onehot = tl.where(c[None, :] == y[:, None], 1.0, 0.0)
-            d += ce_weight * (tl.exp(s - lse_s[:, None]) - onehot)
+            d += ce_weight * (softmax(tl.where(mask, s, NEG), m_ce, log_d_ce) - onehot)
         tl.store(ds_ptr + rows[:, None] * C + c[None, :],
                  (g[:, None] * d).to(ds_ptr.dtype.element_ty), mask=mask)
 
@@ -152,23 +153,23 @@ def _forward(s_BC: torch.Tensor, t_BC: torch.Tensor, labels_B: Optional[torch.Te
              ce_weight: float, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, C = s_BC.shape
     loss_B = torch.empty(B, dtype=torch.float32, device=s_BC.device)
-    stats_B3 = torch.empty(B, 3, dtype=torch.float32, device=s_BC.device)
+    stats_B6 = torch.empty(B, 6, dtype=torch.float32, device=s_BC.device)
     if B == 0:
-        return loss_B, stats_B3
+        return loss_B, stats_B6
     block_b, block_c, options = _dispatch.launch_config(B, C, s_BC.device)
     has_labels = labels_B is not None
     _softmax_kl_fwd_kernel[(triton.cdiv(B, block_b),)](
         s_BC, s_BC.stride(0), t_BC, t_BC.stride(0),
-        labels_B if has_labels else loss_B, loss_B, stats_B3,
+        labels_B if has_labels else loss_B, loss_B, stats_B6,
         B, C, 1.0 / temperature, kl_weight * temperature * temperature, ce_weight,
         HAS_LABELS=has_labels, CE_OWN_LSE=has_labels and temperature != 1.0,
         BLOCK_B=block_b, BLOCK_C=block_c, **options,
     )
-    return loss_B, stats_B3
+    return loss_B, stats_B6
 
 
 def _backward(grad_B: torch.Tensor, s_BC: torch.Tensor, t_BC: torch.Tensor, labels_B: Optional[torch.Tensor],
-              temperature: float, ce_weight: float, kl_weight: float, stats_B3: torch.Tensor) -> torch.Tensor:
+              temperature: float, ce_weight: float, kl_weight: float, stats_B6: torch.Tensor) -> torch.Tensor:
     B, C = s_BC.shape
     ds_BC = torch.empty((B, C), dtype=s_BC.dtype, device=s_BC.device)
     if B == 0:
@@ -177,7 +178,7 @@ def _backward(grad_B: torch.Tensor, s_BC: torch.Tensor, t_BC: torch.Tensor, labe
     has_labels = labels_B is not None
     _softmax_kl_bwd_kernel[(triton.cdiv(B, block_b),)](
         grad_B, grad_B.stride(0), s_BC, s_BC.stride(0), t_BC, t_BC.stride(0),
-        labels_B if has_labels else stats_B3, stats_B3, ds_BC,
+        labels_B if has_labels else stats_B6, stats_B6, ds_BC,
         B, C, 1.0 / temperature, kl_weight * temperature, ce_weight,
         HAS_LABELS=has_labels, BLOCK_B=block_b, BLOCK_C=block_c, **options,
     )
@@ -196,12 +197,13 @@ def _backward(grad_B: torch.Tensor, s_BC: torch.Tensor, t_BC: torch.Tensor, labe
 #     ∂loss_i/∂s_i = kl_weight · T · (q − p)  +  ce_weight · (softmax(s_i) − onehot(y_i)).
 #
 # The forward reads each row once (online max and sum), returns the fp32 row losses and saves
-# the three log-sum-exps of each row; the backward recomputes the gradient from the logits and
-# those, scaled by the incoming row gradient in fp32, and writes it to a new tensor in the
-# student's dtype. Recomputing moves as many bytes as saving the gradient when a row fits in one
-# block, fewer when it does not, and keeps no ``[B, C]`` buffer alive between the two passes.
+# the max and the log normaliser of each of the row's three softmaxes (kept apart: see
+# skd_kernels._jit); the backward recomputes the gradient from the logits and those, scaled by
+# the incoming row gradient in fp32, and writes it to a new tensor in the student's dtype.
+# Recomputing moves as many bytes as saving the gradient when a row fits in one block, fewer
+# when it does not, and keeps no ``[B, C]`` buffer alive between the two passes.
 # The teacher gets no gradient; no input is ever written.
-SoftmaxKLFunction = _ops.fused_row_loss("softmax_kl", sys.modules[__name__], num_stats=3)
+SoftmaxKLFunction = _ops.fused_row_loss("softmax_kl", sys.modules[__name__], num_stats=6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,10 +232,7 @@ def softmax_kl(
     if not _dispatch.use_triton(student_logits):
         return reference.softmax_kl(student_logits, teacher_logits, temperature, reduction,
                                     labels=labels, ce_weight=ce_weight, kl_weight=kl_weight)
-    reference.check_reduction(reduction)
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"student {tuple(student_logits.shape)} and teacher "
-                         f"{tuple(teacher_logits.shape)} logits differ in shape")
+    reference.check_softmax_kl(student_logits, teacher_logits, reduction, labels)
     s_BC = _dispatch.as_rows(student_logits)
     t_BC = _dispatch.as_rows(teacher_logits.detach())
     labels_B = None if labels is None else labels.reshape(-1)

@@ -16,7 +16,7 @@ from torch import nn
 import skd.bench
 import skd_kernels
 from skd.bench import gpu
-from skd_kernels import _dispatch, reference
+from skd_kernels import _dispatch, bench, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 LARGE_MODEL_METHODS = ("ce", "pskd", "cskd", "tfkd", "ls", "uskd", "pskd[memory=sharded]",
@@ -49,7 +49,7 @@ def test_smoke_run_writes_every_stage_and_goal(tmp_path):
     kernels = stages["kernels"]
     assert kernels["copy_GBps"] > 0
     timed = {(r["op"], r["provider"], r["mode"]) for r in kernels["rows"] if r["ms"] > 0}
-    assert timed == {(op, p, m) for op in ("softmax_kl", "pskd_loss") for p in ("triton", "eager")
+    assert timed == {(op, p, m) for op in bench.CASES for p in ("triton", "eager")
                      for m in ("fwd", "bwd", "full")}
 
     rows = stages["steps"]["rows"]

@@ -11,7 +11,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from skd_kernels import _dispatch, reference
 # skd_kernels.softmax_kl is the function; these are the modules that define the kernels.
 softmax_kl_mod = importlib.import_module("skd_kernels.softmax_kl")
 pskd_mod = importlib.import_module("skd_kernels.pskd")
+pskd_topk_mod = importlib.import_module("skd_kernels.pskd_topk")
 
 if _dispatch.INTERPRET:
     DEVICE = "cpu"
@@ -33,6 +36,10 @@ pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs TRITON_INTERPRET=1
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LOSS_TOL = 2e-5  # relative to the loss scale: fp32 accumulation, whatever the input dtype
 GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # the output rounding
+# fp32 gradients at large |logits|: eager PyTorch in fp32 stays within ~1e-7 of float64 there; a
+# softmax recomputed as exp(z − lse) from one fp32 lse = max + log(sum) would be off by up to
+# half an ulp of the max (1e-4 at |z| ~ 1e3, 5e-4 at 1e4).
+LARGE_LOGITS_GRAD_TOL = {**GRAD_TOL, torch.float32: 1e-6}
 
 
 def assert_close(actual, expected, tol):
@@ -57,7 +64,8 @@ def logits(B, C, dtype, scale=3.0):
 # ------------------------------------------------------------------------------------------------
 # softmax_kl
 # ------------------------------------------------------------------------------------------------
-def check_softmax_kl(s, t, T, reduction="batchmean", labels=None, ce_weight=1.0, kl_weight=1.0):
+def check_softmax_kl(s, t, T, reduction="batchmean", labels=None, ce_weight=1.0, kl_weight=1.0,
+                     grad_tol=GRAD_TOL):
     """Kernel vs float64 reference: loss, student gradient (grad_output != 1), no teacher
     gradient, inputs unchanged."""
     s = s.detach().requires_grad_()
@@ -74,7 +82,7 @@ def check_softmax_kl(s, t, T, reduction="batchmean", labels=None, ce_weight=1.0,
 
     assert_close(loss, ref, LOSS_TOL)
     assert s.grad.dtype == s.dtype and s.grad.shape == s.shape
-    assert_close(s.grad, s64.grad, GRAD_TOL[s.dtype])
+    assert_close(s.grad, s64.grad, grad_tol[s.dtype])
     assert t.grad is None
     assert torch.equal(s.detach(), s0) and torch.equal(t.detach(), t0)
 
@@ -99,14 +107,20 @@ def test_softmax_kl_temperatures(T, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T", [0.5, 4.0])
 def test_softmax_kl_extreme_logits(T, dtype):
-    B, C = 6, 300
+    """|logits| up to 1e4 (clamped: many ties at the max), and rows far from 0 whose softmax is
+    not one-hot (offset ± a few), where the fp32 gradient must stay as accurate as eager
+    PyTorch's."""
+    B, C = 8, 300
     s = logits(B, C, dtype, scale=1e4).clamp(-1e4, 1e4)
     t = logits(B, C, dtype, scale=1e4).clamp(-1e4, 1e4)
     t[0] = s[0]  # KL exactly 0 at |logits| = 1e4
     s[1] = (s[1].float() / 64).round() * 64  # multiples of 64: exact in every dtype, also + 2048
     t[1] = s[1].float() + 2048  # a constant shift: KL 0 again
     s[2, :] = 1e4  # a flat row
-    check_softmax_kl(s, t, T, "none", labels=torch.randint(0, C, (B,), device=DEVICE))
+    for row, offset in ((5, 1e2), (6, -1e3), (7, 1e4)):
+        s[row], t[row] = logits(2, C, torch.float32) + offset
+    check_softmax_kl(s, t, T, "none", labels=torch.randint(0, C, (B,), device=DEVICE),
+                     grad_tol=LARGE_LOGITS_GRAD_TOL)
     loss = skd_kernels.softmax_kl(s, t, T, "none")
     assert loss[0].abs().item() <= 1e-4 and loss[1].abs().item() <= 1e-4 * T * T
 
@@ -146,7 +160,8 @@ def test_softmax_kl_leading_dims_and_errors():
 # ------------------------------------------------------------------------------------------------
 # pskd_loss
 # ------------------------------------------------------------------------------------------------
-def check_pskd(z, labels, memory, index, alpha, reduction="batchmean", probs_dtype=None):
+def check_pskd(z, labels, memory, index, alpha, reduction="batchmean", probs_dtype=None,
+               grad_tol=GRAD_TOL):
     """Kernel vs float64 reference: loss, gradient (grad_output != 1), probs_out, memory intact."""
     z = z.detach().requires_grad_()
     z0, memory0 = z.detach().clone(), memory.clone()
@@ -163,7 +178,7 @@ def check_pskd(z, labels, memory, index, alpha, reduction="batchmean", probs_dty
 
     assert_close(loss, ref, LOSS_TOL)
     assert z.grad.dtype == z.dtype
-    assert_close(z.grad, z64.grad, GRAD_TOL[z.dtype])
+    assert_close(z.grad, z64.grad, grad_tol[z.dtype])
     if probs is not None:
         probs_tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[probs_dtype]
         torch.testing.assert_close(probs.double().cpu(), torch.softmax(z64.detach(), -1).cpu(),
@@ -234,21 +249,23 @@ def test_pskd_memory_write_before_backward_is_an_error():
         loss.backward()
 
 
-def test_pskd_extreme_logits():
+@pytest.mark.parametrize("case", ["clamped", "offset", "offset-multi-block"])
+def test_pskd_extreme_logits(monkeypatch, case):
+    """|logits| of 1e4 (clamped: ties at the max), and rows far from 0 whose softmax is not
+    one-hot (offset ± a few), in one block and in blocks of 128: fp32 gradients and
+    probabilities as accurate as eager PyTorch's."""
+    if case == "offset-multi-block":
+        monkeypatch.setattr(_dispatch, "MAX_BLOCK_C", 128)
     B, C = 4, 257
     z, labels, memory, index = pskd_inputs(B, C, torch.float32, torch.float16)
-    z = (z * 1e4 / 3).clamp(-1e4, 1e4)
-    check_pskd(z, labels, memory, index, 0.5, "none", probs_dtype=torch.float32)
-
-
-def test_pskd_errors():
-    z, labels, memory, index = pskd_inputs(4, 10, torch.float32, torch.float32)
-    with pytest.raises(ValueError, match="memory"):
-        skd_kernels.pskd_loss(z, labels, memory[:, :9], index, 0.5)
-    with pytest.raises(ValueError, match="probs_out"):
-        skd_kernels.pskd_loss(z, labels, memory, index, 0.5, probs_out=torch.empty(4, 9, device=DEVICE))
-    with pytest.raises(ValueError, match="reduction"):
-        skd_kernels.pskd_loss(z, labels, memory, index, 0.5, "sum")
+    if case == "clamped":
+        z = (z * 1e4 / 3).clamp(-1e4, 1e4)
+    else:
+        z = z + torch.tensor([1e2, -1e3, 1e3, 1e4], device=DEVICE)[:, None]
+    check_pskd(z, labels, memory, index, 0.5, "none", probs_dtype=torch.float32,
+               grad_tol=LARGE_LOGITS_GRAD_TOL)
+    check_mixed(z, labels, mixing_args(B), memory, index, 0.5, "none",
+                grad_tol=LARGE_LOGITS_GRAD_TOL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,7 +275,8 @@ def _double(x):
     return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
-def check_mixed(z, labels, mixing, memory=None, index=None, alpha=0.0, reduction="batchmean"):
+def check_mixed(z, labels, mixing, memory=None, index=None, alpha=0.0, reduction="batchmean",
+                grad_tol=GRAD_TOL):
     """Kernel vs float64 reference, through ``pskd_loss`` with a memory or ``mixup_cross_entropy``
     without: loss, gradient (grad_output != 1), inputs intact."""
     z = z.detach().requires_grad_()
@@ -279,7 +297,7 @@ def check_mixed(z, labels, mixing, memory=None, index=None, alpha=0.0, reduction
     weight_rows(ref, reduction, z.shape[0]).backward()
     assert_close(loss, ref, LOSS_TOL)
     assert z.grad.dtype == z.dtype
-    assert_close(z.grad, z64.grad, GRAD_TOL[z.dtype])
+    assert_close(z.grad, z64.grad, grad_tol[z.dtype])
     assert torch.equal(z.detach(), z0)
 
 
@@ -370,18 +388,6 @@ def test_mixup_reference_is_timms_mixup_target():
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
-def test_mixed_target_errors():
-    z, labels, memory, index = pskd_inputs(4, 10, torch.float32, torch.float32)
-    with pytest.raises(ValueError, match="pass partner too"):
-        skd_kernels.mixup_cross_entropy(z, labels, lam=0.5)
-    with pytest.raises(ValueError, match="pass partner too"):
-        skd_kernels.pskd_loss(z, labels, memory, index, 0.5, lam=torch.tensor(0.5, device=DEVICE))
-    with pytest.raises(ValueError, match="partner must be"):
-        skd_kernels.pskd_loss(z, labels, memory, index, 0.5, lam=0.5, partner=index[:3])
-    with pytest.raises(ValueError, match="smoothing"):
-        skd_kernels.mixup_cross_entropy(z, labels, smoothing=1.5)
-
-
 def test_mixed_target_traces_without_graph_break():
     """Dynamo traces both mixed losses with tensor λ and ε, forward and backward, in one graph."""
     B, C = 8, 40
@@ -407,7 +413,8 @@ def test_mixed_target_traces_without_graph_break():
 VALUES_TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}  # output rounding
 
 
-def check_pskd_topk(z, labels, values, ids, index, alpha, reduction="batchmean", rest="spread"):
+def check_pskd_topk(z, labels, values, ids, index, alpha, reduction="batchmean", rest="spread",
+                    grad_tol=GRAD_TOL):
     """Kernel vs float64 reference: loss, gradient (grad_output != 1), memory and logits intact,
     and the written rows are the k largest probabilities of softmax(z), largest first, at k
     distinct classes."""
@@ -429,7 +436,7 @@ def check_pskd_topk(z, labels, values, ids, index, alpha, reduction="batchmean",
 
     assert_close(loss, ref, LOSS_TOL)
     assert z.grad.dtype == z.dtype
-    assert_close(z.grad, z64.grad, GRAD_TOL[z.dtype])
+    assert_close(z.grad, z64.grad, grad_tol[z.dtype])
     probs64 = torch.softmax(z64.detach(), -1).cpu()
     top64 = probs64.topk(k, dim=-1).values
     tol = VALUES_TOL[values.dtype]
@@ -486,15 +493,18 @@ def test_pskd_topk_multi_block_rows_and_strides(monkeypatch, rest):
 
 def test_pskd_topk_every_class_kept_ties_and_extreme_logits():
     """k = C: no other class to spread over. A flat row: k distinct classes of probability 1/C.
-    Logits of ±1e4."""
+    Logits of ±1e4 (clamped: ties at the max) and of 1e3, with fp32 gradients and top-k values
+    as accurate as eager PyTorch's."""
     B, C = 4, 12
     z, labels, values, ids, index = topk_inputs(B, C, torch.float32, torch.float32, C)
     values[1:] = values[1:] * 0.9  # rest 0.1 with no class left to take it
     check_pskd_topk(z, labels, values, ids, index, 0.6, "none")
-    z, labels, values, ids, index = topk_inputs(B, 300, torch.float32, torch.float16, 8)
+    z, labels, values, ids, index = topk_inputs(B, 300, torch.float32, torch.float32, 8)
     z[1] = 2.5
     z[2] = (z[2] * 1e4 / 3).clamp(-1e4, 1e4)
-    check_pskd_topk(z, labels, values, ids, index, 0.6, "none", "renormalize")
+    z[3] = z[3] + 1e3
+    check_pskd_topk(z, labels, values, ids, index, 0.6, "none", "renormalize",
+                    grad_tol=LARGE_LOGITS_GRAD_TOL)
 
 
 def test_pskd_topk_memory_write_before_backward_is_an_error():
@@ -506,20 +516,150 @@ def test_pskd_topk_memory_write_before_backward_is_an_error():
         loss.backward()
 
 
-def test_pskd_topk_errors():
-    z, labels, values, ids, index = topk_inputs(4, 10, torch.float32, torch.float16, 3)
-    call = skd_kernels.pskd_topk_loss
-    with pytest.raises(ValueError, match="both be"):
-        call(z, labels, values, ids[:, :2], index, 0.5)
-    with pytest.raises(ValueError, match="k = 11"):
-        call(z, labels, torch.zeros(64, 11, device=DEVICE), torch.zeros(64, 11, dtype=torch.int32,
-                                                                          device=DEVICE), index, 0.5)
-    with pytest.raises(ValueError, match="go together"):
-        call(z, labels, values, ids, index, 0.5, values_out=torch.empty(4, 3, device=DEVICE))
-    with pytest.raises(ValueError, match="int32"):
-        call(z, labels, values, ids.long(), index, 0.5)
-    with pytest.raises(ValueError, match="rest"):
-        call(z, labels, values, ids, index, 0.5, rest="drop")
+# ------------------------------------------------------------------------------------------------
+# argument checks and padded lanes, every op
+# ------------------------------------------------------------------------------------------------
+def good_args():
+    """Valid arguments of every op: B = 6 rows of C = 10 classes, N = 8 memory rows, k = 3."""
+    B, C, N = 6, 10, 8
+    memory = torch.softmax(torch.randn(N, C, device=DEVICE), -1)
+    values, ids = memory.topk(3, dim=-1)
+    return SimpleNamespace(
+        z=logits(B, C, torch.float32), t=logits(B, C, torch.float32),
+        labels=torch.randint(0, C, (B,), device=DEVICE), memory=memory,
+        index=torch.randint(0, N, (B,), device=DEVICE),
+        partner=torch.arange(B, device=DEVICE).flip(0), values=values, ids=ids.int(),
+        empty=lambda *shape, **kw: torch.empty(*shape, device=DEVICE, **kw))
+
+
+def _kl(x, **kw):
+    return skd_kernels.softmax_kl(x.z, kw.pop("t", x.t), 2.0, **kw)
+
+
+def _pskd(x, **kw):
+    args = {k: kw.pop(k, getattr(x, k)) for k in ("labels", "memory", "index")}
+    return skd_kernels.pskd_loss(x.z, args["labels"], args["memory"], args["index"], 0.5, **kw)
+
+
+def _mixup(x, **kw):
+    return skd_kernels.mixup_cross_entropy(x.z, kw.pop("labels", x.labels), **kw)
+
+
+def _topk(x, **kw):
+    args = {k: kw.pop(k, getattr(x, k)) for k in ("labels", "values", "ids", "index")}
+    return skd_kernels.pskd_topk_loss(x.z, args["labels"], args["values"], args["ids"],
+                                      args["index"], 0.5, **kw)
+
+
+# Each call with one bad argument, and the error it must raise. A per-row tensor shorter than
+# the batch would be read out of bounds by a kernel (garbage, or an illegal address on a GPU).
+BAD_ARGS = {
+    "kl-teacher-one-row": (lambda x: _kl(x, t=x.t[:1]), "differ in shape"),
+    "kl-teacher-classes": (lambda x: _kl(x, t=x.t[:, :9]), "differ in shape"),
+    "kl-labels-short": (lambda x: _kl(x, labels=x.labels[:4]), "labels must be"),
+    "kl-labels-2d": (lambda x: _kl(x, labels=x.labels[:, None]), "labels must be"),
+    "kl-reduction": (lambda x: _kl(x, reduction="mean"), "reduction"),
+    "pskd-labels-short": (lambda x: _pskd(x, labels=x.labels[:4]), "labels must be"),
+    "pskd-index-short": (lambda x: _pskd(x, index=x.index[:4]), "index must be"),
+    "pskd-partner-short": (lambda x: _pskd(x, lam=0.5, partner=x.partner[:4]), "partner must be"),
+    "pskd-memory-classes": (lambda x: _pskd(x, memory=x.memory[:, :9]), "memory must be"),
+    "pskd-memory-1d": (lambda x: _pskd(x, memory=x.memory[0]), "memory must be"),
+    "pskd-probs-shape": (lambda x: _pskd(x, probs_out=x.empty(6, 9)), "probs_out"),
+    "pskd-probs-class-stride": (lambda x: _pskd(x, probs_out=x.empty(6, 20)[:, ::2]), "probs_out"),
+    "pskd-lam-without-partner": (lambda x: _pskd(x, lam=torch.tensor(0.5, device=DEVICE)),
+                                 "pass partner too"),
+    "pskd-reduction": (lambda x: _pskd(x, reduction="sum"), "reduction"),
+    "mixup-labels-short": (lambda x: _mixup(x, labels=x.labels[:4]), "labels must be"),
+    "mixup-partner-short": (lambda x: _mixup(x, lam=0.5, partner=x.partner[:4]), "partner must be"),
+    "mixup-lam-without-partner": (lambda x: _mixup(x, lam=0.5), "pass partner too"),
+    "mixup-smoothing": (lambda x: _mixup(x, smoothing=1.5), "smoothing"),
+    "topk-labels-short": (lambda x: _topk(x, labels=x.labels[:4]), "labels must be"),
+    "topk-index-short": (lambda x: _topk(x, index=x.index[:4]), "index must be"),
+    "topk-ids-shape": (lambda x: _topk(x, ids=x.ids[:, :2]), "both be"),
+    "topk-ids-int64": (lambda x: _topk(x, ids=x.ids.long()), "memory_ids must be int32"),
+    "topk-k-above-C": (lambda x: _topk(x, values=x.empty(8, 11),
+                                       ids=x.empty(8, 11, dtype=torch.int32)), "k = 11"),
+    "topk-values-out-alone": (lambda x: _topk(x, values_out=x.empty(6, 3)), "go together"),
+    "topk-values-out-shape": (lambda x: _topk(x, values_out=x.empty(6, 2),
+                                              ids_out=x.empty(6, 3, dtype=torch.int32)),
+                              "values_out must be"),
+    "topk-ids-out-int64": (lambda x: _topk(x, values_out=x.empty(6, 3),
+                                           ids_out=x.empty(6, 3, dtype=torch.int64)),
+                           "ids_out must be int32"),
+    "topk-rest": (lambda x: _topk(x, rest="drop"), "rest"),
+}
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_bad_arguments_raise_on_both_paths(monkeypatch, case, path):
+    """The same check runs before the kernels and in skd_kernels.reference (the path of CPU
+    tensors, float64, and platforms without Triton): a clear ValueError, no kernel launched."""
+    monkeypatch.setattr(_dispatch, "FORCE_REFERENCE", path == "reference")
+    for module in (softmax_kl_mod, pskd_mod, pskd_topk_mod):
+        monkeypatch.setattr(module, "_forward",
+                            lambda *a, **k: pytest.fail("a kernel launched before the check"))
+    call, match = BAD_ARGS[case]
+    with pytest.raises(ValueError, match=match):
+        call(good_args())
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_leading_dims_on_both_paths(monkeypatch, path):
+    """Logits [2, 3, C] with per-row tensors [2, 3] (partner: flat row numbers) and outputs
+    [2, 3, ·]: the same rows and outputs as the flat [6, C] call."""
+    monkeypatch.setattr(_dispatch, "FORCE_REFERENCE", path == "reference")
+    x = good_args()
+    rows = lambda v: v.view(2, 3, *v.shape[1:])  # noqa: E731
+    mixing = dict(lam=0.3, partner=x.partner, smoothing=0.1)
+    probs_flat, probs = x.empty(6, 10), x.empty(2, 3, 10)
+    top = [(x.empty(6, 3), x.empty(6, 3, dtype=torch.int32)),
+           (x.empty(2, 3, 3), x.empty(2, 3, 3, dtype=torch.int32))]
+    flat = [skd_kernels.softmax_kl(x.z, x.t, 2.0, "none", labels=x.labels),
+            skd_kernels.pskd_loss(x.z, x.labels, x.memory, x.index, 0.4, "none",
+                                  probs_out=probs_flat, **mixing),
+            skd_kernels.pskd_topk_loss(x.z, x.labels, x.values, x.ids, x.index, 0.4, "none",
+                                       values_out=top[0][0], ids_out=top[0][1])]
+    nested = [skd_kernels.softmax_kl(rows(x.z), rows(x.t), 2.0, "none", labels=rows(x.labels)),
+              skd_kernels.pskd_loss(rows(x.z), rows(x.labels), x.memory, rows(x.index), 0.4, "none",
+                                    probs_out=probs, **{**mixing, "partner": rows(x.partner)}),
+              skd_kernels.pskd_topk_loss(rows(x.z), rows(x.labels), x.values, x.ids, rows(x.index),
+                                         0.4, "none", values_out=top[1][0], ids_out=top[1][1])]
+    for a, b in zip(nested, flat):
+        assert a.shape == (2, 3)
+        assert_close(a.flatten(), b, 1e-6)
+    assert torch.equal(probs.flatten(0, 1), probs_flat)
+    assert torch.equal(top[1][0].flatten(0, 1), top[0][0])
+    assert torch.equal(top[1][1].flatten(0, 1), top[0][1])
+
+
+@pytest.mark.skipif(not _dispatch.INTERPRET, reason="numpy's floating-point flags: interpreter")
+def test_padded_lanes_compute_no_inf_or_nan():
+    """Padded lanes, rows and top-k slots are never stored, and nothing computed there overflows
+    or is NaN either (a padded logit read as 0 against a row max of -1e4 would give exp(1e4)):
+    under the interpreter numpy's overflow, invalid and divide flags raise."""
+    B, C, k = 5, 50, 3  # 14 padded lanes of 64, padded rows, one padded slot of 4
+    z = logits(B, C, torch.float32, scale=1e4).clamp(-1e4, 1e4) - 2e4
+    labels = torch.randint(0, C, (B,), device=DEVICE)
+    memory = torch.softmax(torch.randn(8, C, device=DEVICE), -1)
+    values, ids = memory.topk(k, dim=-1)
+    index = torch.randint(0, 8, (B,), device=DEVICE)
+    mixing = mixing_args(B)
+    calls = [
+        lambda x: skd_kernels.softmax_kl(x, x.detach().flip(0), 2.0, labels=labels),
+        lambda x: skd_kernels.pskd_loss(x, labels, memory, index, 0.4,
+                                        probs_out=torch.empty_like(x), **mixing),
+        lambda x: skd_kernels.mixup_cross_entropy(x, labels, **mixing),
+        lambda x: skd_kernels.pskd_topk_loss(x, labels, values, ids.int(), index, 0.4,
+                                             values_out=torch.empty(B, k, device=DEVICE),
+                                             ids_out=torch.empty(B, k, dtype=torch.int32,
+                                                                 device=DEVICE)),
+    ]
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        for call in calls:
+            x = z.clone().requires_grad_()
+            call(x).backward()
+            assert torch.isfinite(x.grad).all()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -662,13 +802,13 @@ def test_pskd_topk_traces_without_graph_break():
 
 def test_pskd_topk_cpu_without_interpreter_takes_reference(monkeypatch):
     monkeypatch.setattr(_dispatch, "INTERPRET", False)
-    monkeypatch.setattr(importlib.import_module("skd_kernels.pskd_topk"), "_forward",
+    monkeypatch.setattr(pskd_topk_mod, "_forward",
                         lambda *a, **k: pytest.fail("a Triton launcher ran for CPU tensors"))
     z, labels = torch.randn(3, 7), torch.tensor([0, 6, 2])
     values, ids = torch.softmax(torch.randn(5, 7), -1).topk(2)
     index = torch.tensor([4, 4, 1])
     assert torch.equal(skd_kernels.pskd_topk_loss(z, labels, values, ids.int(), index, 0.3),
-                       reference.pskd_topk_loss(z, labels, values, ids, index, 0.3))
+                       reference.pskd_topk_loss(z, labels, values, ids.int(), index, 0.3))
 
 
 @pytest.mark.skipif(not _dispatch.INTERPRET, reason="--smoke runs under TRITON_INTERPRET=1")
@@ -688,25 +828,43 @@ def test_bench_harness_smoke(tmp_path, capsys):
     assert "softmax_kl" in capsys.readouterr().out
 
 
-@pytest.mark.gpu
-def test_cuda_graph_capture_and_compile():
-    """Forward and backward of both kernels replay from a CUDA graph, and compile with inductor,
-    matching eager."""
-    if _dispatch.INTERPRET:
-        pytest.skip("compiled Triton needed: run with TRITON_INTERPRET=0")
-    dev = "cuda"
-    B, C = 64, 1000
-    z = torch.randn(B, C, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    t = torch.randn(B, C, device=dev, dtype=torch.bfloat16)
-    labels = torch.randint(0, C, (B,), device=dev)
-    memory = torch.softmax(torch.randn(512, C, device=dev), -1).half()
-    index = torch.randint(0, 512, (B,), device=dev)
-    alpha = torch.tensor(0.3, device=dev)
-    probs = torch.empty(B, C, device=dev, dtype=torch.float16)
+def every_loss(device, B=64, C=1000):
+    """The logits ``z`` [B, C] bf16, ``forward()``: the sum of every op on ``z`` (softmax_kl with
+    CE; pskd_loss with probs_out, and with a Mixup target; mixup_cross_entropy; pskd_topk_loss
+    with the new top-k, k = 32), each tensor scalar a 0-dim device tensor, and the tensors the
+    ops write (probs_out, values_out, ids_out)."""
+    z = torch.randn(B, C, device=device, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(B, C, device=device, dtype=torch.bfloat16)
+    labels = torch.randint(0, C, (B,), device=device)
+    memory = torch.softmax(torch.randn(512, C, device=device), -1).half()
+    values, ids = memory.topk(32, dim=-1)
+    ids = ids.int()
+    index = torch.randint(0, 512, (B,), device=device)
+    alpha = torch.tensor(0.3, device=device)
+    mixing = dict(lam=torch.tensor(0.6, device=device), partner=torch.randperm(B, device=device),
+                  smoothing=torch.tensor(0.1, device=device))
+    written = dict(probs=torch.empty(B, C, device=device, dtype=torch.float16),
+                   values=torch.empty(B, 32, device=device, dtype=torch.float16),
+                   ids=torch.empty(B, 32, device=device, dtype=torch.int32))
 
     def forward():
         return (skd_kernels.softmax_kl(z, t, 4.0, labels=labels)
-                + skd_kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=probs))
+                + skd_kernels.pskd_loss(z, labels, memory, index, alpha, probs_out=written["probs"])
+                + skd_kernels.pskd_loss(z, labels, memory, index, alpha, **mixing)
+                + skd_kernels.mixup_cross_entropy(z, labels, **mixing)
+                + skd_kernels.pskd_topk_loss(z, labels, values, ids, index, alpha,
+                                             values_out=written["values"], ids_out=written["ids"]))
+
+    return z, forward, written
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_compile():
+    """Forward and backward of every kernel (plain, mixed-target and top-k PS-KD included) replay
+    from a CUDA graph, and compile with inductor, matching eager, the written outputs too."""
+    if _dispatch.INTERPRET:
+        pytest.skip("compiled Triton needed: run with TRITON_INTERPRET=0")
+    z, forward, written = every_loss("cuda")
 
     def step(forward=forward):
         z.grad = None
@@ -714,8 +872,13 @@ def test_cuda_graph_capture_and_compile():
         loss.backward()
         return loss
 
+    def clear_written():  # so that a match proves the outputs were written again
+        for out in written.values():
+            out.fill_(-1)
+
     eager_loss = step().detach().clone()
     eager_grad = z.grad.clone()
+    eager_written = {name: out.clone() for name, out in written.items()}
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up on a side stream, as capture requires
@@ -726,11 +889,18 @@ def test_cuda_graph_capture_and_compile():
     z.grad = None
     with torch.cuda.graph(graph):
         graph_loss = step()
+    clear_written()
     graph.replay()
     torch.cuda.synchronize()
     assert_close(graph_loss, eager_loss, 1e-6)
-    assert_close(z.grad, eager_grad, 1e-6)
+    assert_close(z.grad, eager_grad, 1e-6)  # the same kernels and additions as eager
+    for name, out in written.items():
+        assert torch.equal(out, eager_written[name]), name
 
-    compiled = torch.compile(forward, fullgraph=True)
-    assert_close(step(compiled), eager_loss, 1e-6)
-    assert_close(z.grad, eager_grad, 1e-6)
+    clear_written()
+    compiled_loss = step(torch.compile(forward, fullgraph=True))
+    assert_close(compiled_loss, eager_loss, 1e-6)
+    # Inductor adds the five bf16 gradients in fp32 and rounds once; eager rounds each sum.
+    assert_close(z.grad, eager_grad, GRAD_TOL[z.dtype])
+    for name, out in written.items():
+        assert torch.equal(out, eager_written[name]), name

@@ -12,9 +12,9 @@ what it finished:
    replay), then the other tests marked ``gpu``, then both kernels against their float64
    reference at the benchmark's shapes and past 2^31 elements.
 2. ``kernels``: ``skd_kernels.bench`` at B×C = 1024×21,841, 256×1000, 1024×1000 and 4096×1000,
-   bf16 and fp32: forward, backward, forward+backward, peak memory, against eager,
-   ``torch.compile(reference)`` and Liger-Kernel (when installed), beside the copy bandwidth of
-   the same run.
+   bf16 and fp32 (then PS-KD with a Mixup target and top-k PS-KD at the goal shapes, bf16):
+   forward, backward, forward+backward, peak memory, against eager, ``torch.compile(reference)``
+   and Liger-Kernel (when installed), beside the copy bandwidth of the same run.
 3. ``syncs``: host synchronisations per training step of every method, counted with the
    profiler and with ``torch.cuda.set_sync_debug_mode``, beside a control step that synchronises
    once.
@@ -117,10 +117,13 @@ class Plan:
 
 def _kernel_cases(shapes: list[tuple[int, int]], first: list[tuple[int, int]],
                   dtypes: tuple[str, ...] = ("bf16", "fp32")):
-    """The goal shapes first (bf16, then fp32), then the other shapes."""
+    """The two training losses at the goal shapes first (bf16, then fp32), then at the other
+    shapes; last, the Mixup and top-k PS-KD variants at the goal shapes in the first dtype."""
     rest = [s for s in shapes if s not in first]
-    return [(op, dtype, shape) for group in (first, rest) for dtype in dtypes
+    main = [(op, dtype, shape) for group in (first, rest) for dtype in dtypes
             for op in ("softmax_kl", "pskd_loss") for shape in group]
+    return main + [(op, dtypes[0], shape) for op in ("pskd_loss_mixed", "pskd_topk_loss")
+                   for shape in first]
 
 
 def make_plan(smoke: bool) -> Plan:
