@@ -25,6 +25,9 @@ import torch
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
+CHECKPOINT_FORMAT = "skd-checkpoint-2"
+"""The ``format`` of the checkpoints this version writes (it reads ``skd-checkpoint-1`` too)."""
+FORMATS = ("skd-checkpoint-1", CHECKPOINT_FORMAT)
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 _PART = re.compile(r"^(.+\.pt)\.rank-\d{5}-of-(\d{5})$")
 
@@ -165,9 +168,7 @@ def keep_as_best(path: str | Path) -> Path:
     best = path.parent / BEST_NAME
     parts = [(p, best.with_name(BEST_NAME + p.name[len(path.name):]))
              for p in sorted(path.parent.glob(path.name + ".rank-*"))]
-    for old in best.parent.glob(BEST_NAME + ".rank-*"):  # another world size's parts
-        if old not in {target for _, target in parts}:
-            old.unlink()
+    stale = [old for old in best.parent.glob(BEST_NAME + ".rank-*") if old not in {t for _, t in parts}]
     for source, target in parts + [(path, best)]:  # the main file last, as when saving
         tmp = target.with_name(target.name + ".tmp")
         tmp.unlink(missing_ok=True)
@@ -176,6 +177,8 @@ def keep_as_best(path: str | Path) -> Path:
         except OSError:  # a filesystem without hard links
             shutil.copyfile(source, tmp)
         os.replace(tmp, target)
+    for old in stale:  # another world size's parts, once best.pt no longer lists them
+        old.unlink(missing_ok=True)
     _fsync_dir(best.parent)
     return best
 

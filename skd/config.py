@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,6 +163,15 @@ class OptimConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``timm.optim.create_optimizer_v2``."""
 
+    def __post_init__(self) -> None:
+        from timm.optim import list_optimizers
+
+        names = list_optimizers()
+        if self.opt.lower() not in names and self.opt.lower().split("_")[-1] not in names:
+            close = difflib.get_close_matches(self.opt, names, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.optim.list_optimizers())"
+            raise ConfigError(f"config key 'optim.opt' = {self.opt!r}: not a timm optimizer{hint}")
+
 
 @dataclass
 class SchedConfig:
@@ -181,6 +191,11 @@ class SchedConfig:
     """Floor of the decaying schedules (cosine, poly)."""
     step_on_epochs: bool = True
     """Update the lr once per epoch (False: every optimizer step, smoother warm-up/cosine)."""
+
+    def __post_init__(self) -> None:
+        m = self.decay_milestones
+        _check(all(e >= 0 for e in m) and m == sorted(set(m)), "sched.decay_milestones", m,
+               "must be distinct epochs >= 0 in increasing order")
 
 
 @dataclass
@@ -271,6 +286,13 @@ class TrainConfig:
     expected value, notes). Not used by training."""
 
     def __post_init__(self) -> None:
+        _check(self.resume != "auto" or bool(self.output_dir), "resume", self.resume,
+               "needs output_dir: the run directory to continue (without one, every run gets a new one)")
+        keys = flat_dict(config_to_dict(self))
+        for key in self.resume_allow_changes:
+            if not any(k == key or k.startswith(key + ".") for k in keys):
+                _check(False, "resume_allow_changes", self.resume_allow_changes,
+                       f"{key!r} is not a config key or section{_suggest(key, sorted(keys))}")
         if self.mixup.enabled:  # refused before any work: the method must accept mixed targets
             why = get_method_class(self.method.name).mixup_refusal(self.method)
             able = [m for m in list_methods() if get_method_class(m).supports_mixup]
@@ -451,7 +473,11 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML through a temporary file: ``path`` is whole or untouched."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
 
 
 def flat_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from skd.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
+from skd.checkpoint import CHECKPOINT_DIR, FORMATS, list_checkpoints, load_checkpoint, read_run_id
 from skd.config import ConfigError, TrainConfig, config_to_dict
 
 __all__ = ["check_output_dir", "select_checkpoint", "check_resume_config", "OPERATIONAL_KEYS"]
@@ -76,19 +76,33 @@ def select_checkpoint(run_dir: Path, resume: str) -> tuple[Path | None, dict[str
         if not path.is_file():
             raise ConfigError(f"config key 'resume' = {resume!r}: no such checkpoint file")
         try:
-            return path, load_checkpoint(path)
+            state = _load(path)
         except Exception as e:  # noqa: BLE001  a damaged file raises zip, pickle or EOF errors
             raise ConfigError(f"config key 'resume' = {resume!r}: the checkpoint does not load "
                               f"({type(e).__name__}: {_first_line(e)})") from None
+        others = [p for p in found if read_run_id(p) != state.get("run_id")]
+        if others:  # its saves would replace files of the run that owns run_dir
+            raise ConfigError(f"output_dir {run_dir} holds checkpoints of another run ({others[-1].name}) than "
+                              f"resume={resume}; continue that one with resume=auto, or choose another output_dir")
+        return path, state
     for path in reversed(found):
         try:
-            return path, load_checkpoint(path)
+            return path, _load(path)
         except Exception as e:  # noqa: BLE001
             _log.warning("resume=auto: checkpoint %s is damaged (%s: %s); trying the one before it",
                          path, type(e).__name__, _first_line(e))
     if found:
         raise ConfigError(f"resume=auto: none of the {len(found)} checkpoints in {run_dir / CHECKPOINT_DIR} loads")
     return None, None
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """A checkpoint written by skd (``ValueError`` for any other torch file)."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or state.get("format") not in FORMATS:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"not an skd checkpoint (format {found!r}; expected one of {', '.join(FORMATS)})")
+    return state
 
 
 def check_resume_config(state: dict[str, Any], cfg: TrainConfig) -> None:

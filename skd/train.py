@@ -3,7 +3,9 @@
 The loop knows nothing method-specific: it calls ``method(batch)`` for the loss, steps the
 optimizer, and calls ``method.after_step``. The host waits for the device only on logging steps
 (losses, NaN check), at epoch ends and before checkpoints, and, one step late, for a tiny
-all-reduce of the stop flag and the corrupt-sample count that every optimizer step launches.
+all-reduce of the stop flag and the corrupt-sample count that every optimizer step launches
+(with ``precision=fp16`` the grad scaler also checks its scale every step; a sharded PS-KD memory
+reads its exchange counts once per step).
 """
 from __future__ import annotations
 
@@ -29,9 +31,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from skd.checkpoint import (CheckpointWriteError, best_checkpoint, checkpoint_path, keep_as_best,
-                            latest_checkpoint, load_checkpoint, load_parts, rng_state, save_checkpoint,
-                            save_part, set_rng_state)
+from skd.checkpoint import (CHECKPOINT_FORMAT, CheckpointWriteError, best_checkpoint, checkpoint_path,
+                            keep_as_best, latest_checkpoint, load_checkpoint, load_parts, rng_state,
+                            save_checkpoint, save_part, set_rng_state)
 from skd.config import ConfigError, TrainConfig, config_to_dict, flat_dict, load_config, save_config
 from skd.config_docs import format_config_keys
 from skd.data import CorruptDataError, DatasetInfo, ShardFormatError, resolve_shard_dir
@@ -45,9 +47,6 @@ from skd.models.factory import create_model
 from skd.optim import create_optimizer, scheduler_kwargs
 from skd.report import log_reliability_diagram
 from skd.resume import check_output_dir, check_resume_config, select_checkpoint
-
-CHECKPOINT_FORMAT = "skd-checkpoint-2"
-
 
 class NonFiniteLoss(RuntimeError):
     """The loss or the weights became NaN or infinite; nothing after the last good step is saved."""
@@ -94,13 +93,16 @@ class Trainer:
         self._resume_path = resume_path
         self._stop_signal: int | None = None
         self._consensus = _StepConsensus(acc.device)
+        self._on_all_ranks_or_none(self._write_config, main_only=True)
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
             tqdm.write(f"{cfg.method.name} / {cfg.model.name}: {info.num_samples} training samples, "
                        f"{info.num_classes} classes; {_plural(acc.num_processes, 'process', 'es')}, "
                        f"{_plural(self.batch_size, 'image')} per process per micro-batch, "
                        f"{_plural(self.steps_per_epoch, 'optimizer step')} per epoch; run directory {self.run_dir}")
+
+    def _write_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
 
     def _start(self, state: PartialState) -> tuple[Path | None, str]:
         """Check the run directory and pick the checkpoint to resume on the main process (nothing
@@ -114,8 +116,8 @@ class Trainer:
                     check_resume_config(ckpt, self.cfg)
                 run_id = (ckpt or {}).get("run_id") or uuid.uuid4().hex[:12]
                 answer = [str(path) if path else None, run_id, None]
-            except ConfigError as e:
-                answer = [None, None, str(e)]
+            except Exception as e:  # noqa: BLE001  every rank must learn of it, or they would wait
+                answer = [None, None, str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"]
         path, run_id, error = broadcast_object_list(answer)
         if error:
             raise ConfigError(error)
@@ -133,9 +135,12 @@ class Trainer:
                               f"processes × grad_accum_steps = {per_step}")
         self.batch_size = cfg.data.batch_size // per_step
         eval_batch = max(1, (cfg.data.eval_batch_size or cfg.data.batch_size) // world)
-        with acc.main_process_first():  # the demo data is written once, by the first process
-            train_dir = resolve_shard_dir(cfg.data.train, "train", "data.train")
-            val_dir = resolve_shard_dir(cfg.data.val, "val", "data.val")
+        # The demo data is written once, by the main process; its error reaches every rank.
+        def resolve() -> tuple[Path, Path]:
+            return (resolve_shard_dir(cfg.data.train, "train", "data.train"),
+                    resolve_shard_dir(cfg.data.val, "val", "data.val"))
+        self._on_all_ranks_or_none(resolve, main_only=True, error=FileNotFoundError)
+        train_dir, val_dir = resolve()
         common = dict(rank=acc.process_index, world_size=world, device=acc.device,
                       channels_last=cfg.model.channels_last)
         self.train_loader = create_data_loader(
@@ -179,11 +184,15 @@ class Trainer:
             metrics = self.evaluate()
             improved = self._track_best(epoch, metrics)
             self.epoch = epoch + 1
-            path = self.save({"epoch": epoch + 1, "batches": 0})
-            if improved and acc.is_main_process:
-                keep_as_best(path)
-                self.predictions.save(self.run_dir / "predictions_best.npz")
+            # The epoch's records first, its checkpoint last: a kill in between resumes from an
+            # earlier checkpoint, which drops the records of the epochs it trains again.
             self.log_epoch(epoch, train_stats, metrics)
+            if improved:
+                self._on_all_ranks_or_none(lambda: self.predictions.save(self.run_dir / "predictions_best.npz"),
+                                           main_only=True)
+            path = self.save({"epoch": epoch + 1, "batches": 0})
+            if improved:
+                self._on_all_ranks_or_none(lambda: keep_as_best(path), main_only=True)
             self._check_stop()
         if not metrics:  # resumed a finished run: nothing left to train, evaluate once
             metrics = self.evaluate()
@@ -197,6 +206,7 @@ class Trainer:
         self.method.train()
         self.unwrapped.start_epoch(epoch, cfg.epochs)
         self.scheduler.step(epoch)
+        self.scheduler.step_update(self.step)  # per-step schedules: the lr of the next step (also on resume)
         self.train_loader.set_epoch(epoch)
         self._corrupt_before = self.train_loader.num_corrupt
         start, num_batches = self.train_loader.state_dict()["batches"], len(self.train_loader)
@@ -279,9 +289,9 @@ class Trainer:
                    **{f"val_ema/{k}": v for k, v in metrics.get("ema", {}).items()}}
         acc.log(scalars, step=self.step)
         log_reliability_diagram(acc, self.predictions, self.step)  # TensorBoard only
+        self._on_all_ranks_or_none(lambda: _append_line(self.run_dir / "history.jsonl", json.dumps(record)),
+                                   main_only=True)
         if acc.is_main_process:
-            with open(self.run_dir / "history.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
             skipped = (f"  corrupt skipped: train {train['corrupt_samples']}, val {metrics['num_corrupt']}"
                        if train["corrupt_samples"] or metrics["num_corrupt"] else "")
             # A run resumed exactly at an epoch's last batch has no train loss for that epoch.
@@ -330,23 +340,30 @@ class Trainer:
                                    if acc.is_main_process else None)
         return path
 
-    def _on_all_ranks_or_none(self, write: Callable[[], Any]) -> None:
-        """Run ``write`` on this rank; if it fails on any rank, raise its error on every rank."""
+    def _on_all_ranks_or_none(self, action: Callable[[], Any], *, main_only: bool = False,
+                              error: type[Exception] = CheckpointWriteError) -> None:
+        """Run ``action`` here (with ``main_only``, on the main process alone); if it fails on any
+        rank, raise ``error`` with its message on every rank, so none is left waiting in a
+        collective for a rank that died."""
         try:
-            write()
-            error = None
-        except CheckpointWriteError as e:
-            error = str(e)
-        errors = [e for e in gather_object([error]) if e]
-        if errors:
-            raise CheckpointWriteError(errors[0])
+            if self.accelerator.is_main_process or not main_only:
+                action()
+            message = None
+        except (OSError, ValueError) as e:  # CheckpointWriteError, FileNotFoundError, ConfigError
+            message = str(e)
+        messages = [m for m in gather_object([message]) if m]
+        if messages:
+            raise error(messages[0])
 
     def _restore(self, path: Path) -> dict[str, Any] | None:
         """Restore every component from checkpoint ``path``; return this rank's RNG state."""
         state = load_checkpoint(path)
-        self.unwrapped.load_trainable_state_dict(state["method"])
-        if state.get("rank_parts"):  # a sharded state, re-sharded for this run's processes
-            self.unwrapped.load_rank_states(load_parts(path, state["rank_parts"]))
+        try:
+            self.unwrapped.load_trainable_state_dict(state["method"])
+            if state.get("rank_parts"):  # a sharded state, re-sharded for this run's processes
+                self.unwrapped.load_rank_states(load_parts(path, state["rank_parts"]))
+        except (RuntimeError, ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"checkpoint {path} does not fit this run: {str(e).splitlines()[0]}") from None
         # The optimizer's buffers (momentum, Adam moments) continue; its hyper-parameters come from
         # this run's config, as does the lr schedule (timm's schedulers are functions of the epoch
         # and step, so their saved state is not needed): a resume that changes `epochs` or
@@ -362,8 +379,14 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.best = state.get("best")
         self.train_loader.load_state_dict(state["loader"])
+        if (self.best is not None and self.best["epoch"] == self.epoch - 1 and state["loader"]["batches"] == 0
+                and path.parent == checkpoint_path(self.run_dir, 0).parent):
+            # This checkpoint is the best epoch's: a kill right after saving it may have kept
+            # best.pt from linking to it.
+            self._on_all_ranks_or_none(lambda: keep_as_best(path), main_only=True)
+        self._on_all_ranks_or_none(lambda: _truncate_history(self.run_dir / "history.jsonl", self.epoch),
+                                   main_only=True)
         if self.accelerator.is_main_process:
-            _truncate_history(self.run_dir / "history.jsonl", self.epoch)
             tqdm.write(f"resumed from step {self.step} (epoch {self.epoch}, batch {state['loader']['batches']})")
         rngs = state["rng"]
         # Another number of processes cannot continue the same random streams (the data is
@@ -609,11 +632,28 @@ def _plural(n: int, word: str, suffix: str = "s") -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}{suffix}"
 
 
+def _append_line(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _truncate_history(path: Path, epoch: int) -> None:
-    """Drop history lines of epochs that the resumed run will train again."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] < epoch]
-        path.write_text("".join(line + "\n" for line in lines))
+    """Drop history lines of epochs that the resumed run will train again (and a line cut off by
+    a kill), writing the file anew through a temporary file."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] < epoch:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

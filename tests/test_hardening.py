@@ -167,6 +167,32 @@ def test_resume_lists_every_config_difference_and_leaves_the_run_intact(finished
     assert newest["step"] == 69 and newest["run_id"] == first_id
 
 
+def test_resume_from_a_file_into_another_runs_directory_or_of_a_foreign_file_is_refused(finished_run, tmp_path,
+                                                                                       capsys):
+    other = _copy(finished_run, tmp_path / "other", 46)
+    assert train_main(FAST + ["epochs=1", f"output_dir={tmp_path}/mine"]) == 0  # another run
+    foreign_state = list_checkpoints(tmp_path / "mine")[-1]
+    before = _snapshot(other)
+    assert train_main(FAST + ["epochs=1", f"output_dir={other}", f"resume={foreign_state}"]) == 2
+    assert f"output_dir {other} holds checkpoints of another run" in _error_line(capsys)
+    assert _snapshot(other) == before
+    plain = tmp_path / "plain.pt"
+    torch.save({"conv1.weight": torch.zeros(1)}, plain)
+    assert train_main(FAST + ["epochs=1", f"output_dir={tmp_path}/new", f"resume={plain}"]) == 2
+    assert "the checkpoint does not load (ValueError: not an skd checkpoint" in _error_line(capsys)
+
+
+def test_resume_from_the_best_epochs_checkpoint_restores_a_best_pt_lost_to_a_kill(finished_run, tmp_path):
+    # A kill between saving epoch 0's checkpoint and linking it as best.pt leaves no best.pt.
+    run = _copy(finished_run, tmp_path, 23)
+    (run / "checkpoints" / "best.pt").unlink()
+    assert train_main(FAST + ["epochs=1", "resume_allow_changes=[epochs]", f"output_dir={run}",
+                              "resume=auto"]) == 0
+    best = skd.checkpoint.best_checkpoint(run)
+    assert best is not None
+    assert best.read_bytes() == (run / "checkpoints" / "step-000000023.pt").read_bytes()
+
+
 def test_mid_epoch_resume_with_another_batch_and_workers_continues_the_epoch(finished_run, tmp_path, capsys):
     run = _copy(finished_run, tmp_path, 20)  # newest: 20 batches of 64 into epoch 0 (1,280 samples)
     assert train_main(FAST + ["epochs=2", f"output_dir={run}", "resume=auto", "data.batch_size=32"]) == 2

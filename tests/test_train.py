@@ -63,8 +63,11 @@ def test_exported_model_loads_in_timm_and_skd_eval_matches(tmp_path):
 
 
 def _cli(run: Path, *extra: str) -> list[str]:
+    # Dropout draws from the training process's generator and the lr changes every step: a resume
+    # must restore both exactly (the loader's worker seeds must not consume that generator).
     return [sys.executable, "-m", "skd", "train", *FAST, "method.name=pskd", "epochs=2",
-            "checkpoint_every=5", "data.num_workers=2", f"output_dir={run}", *extra]
+            "checkpoint_every=5", "data.num_workers=2", "model.drop_rate=0.3", "sched.step_on_epochs=false",
+            "sched.warmup_epochs=1", f"output_dir={run}", *extra]
 
 
 def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, min_step: int) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 __all__ = ["Stream", "EpochPlan", "plan_epoch", "derive_seed"]
 
 # Seed-stream tags: the same (seed, epoch, ...) gives independent streams per purpose.
-PLAN, WINDOW, AUGMENT, PARTNER = 0, 1, 2, 3
+PLAN, WINDOW, AUGMENT, PARTNER, WORKERS = 0, 1, 2, 3, 4
 
 
 def derive_seed(*parts: int) -> int:

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from skd.data.dataset_info import DatasetInfo
-from skd.data.epoch_plan import AUGMENT, PARTNER, EpochPlan, derive_seed, plan_epoch
+from skd.data.epoch_plan import AUGMENT, PARTNER, WORKERS, EpochPlan, derive_seed, plan_epoch
 from skd.data.partners import PartnerSampler
 from skd.data.sample_index import SampleIndex, ShardFormatError
 
@@ -282,9 +282,13 @@ class ShardLoader:
             batches: Any = iter(dataset)
         else:
             kwargs = {} if self.prefetch_factor is None else {"prefetch_factor": self.prefetch_factor}
+            # The workers' base seed comes from this generator, not the caller's global one, so
+            # starting them draws nothing from the training process's random streams.
+            base = torch.Generator().manual_seed(derive_seed(self._source.seed, self._epoch, self._start,
+                                                             self.rank, WORKERS))
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                       pin_memory=self.pin_memory, persistent_workers=False,
-                                      worker_init_fn=_leave_stop_signals_to_main, **kwargs))
+                                      worker_init_fn=_leave_stop_signals_to_main, generator=base, **kwargs))
         try:
             for batch in batches:
                 self.num_corrupt += int(batch.pop("num_corrupt"))
