@@ -16,11 +16,12 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -177,29 +178,29 @@ class Trainer:
         else:  # ranks draw different dropout masks; a resume on other processes: new streams
             set_seed(derive_seed(cfg.seed, self.step, acc.process_index) % (1 << 31))
         self._init_trackers()
-        self._install_signal_handlers()
-        metrics: dict[str, Any] = {}
-        for epoch in range(self.epoch, cfg.epochs):
-            train_stats = self.train_one_epoch(epoch)
-            metrics = self.evaluate()
-            improved = self._track_best(epoch, metrics)
-            self.epoch = epoch + 1
-            # The epoch's records first, its checkpoint last: a kill in between resumes from an
-            # earlier checkpoint, which drops the records of the epochs it trains again.
-            self.log_epoch(epoch, train_stats, metrics)
-            if improved:
-                self._on_all_ranks_or_none(lambda: self.predictions.save(self.run_dir / "predictions_best.npz"),
-                                           main_only=True)
-            path = self.save({"epoch": epoch + 1, "batches": 0})
-            if improved:
-                self._on_all_ranks_or_none(lambda: keep_as_best(path), main_only=True)
-            self._check_stop()
-        if not metrics:  # resumed a finished run: nothing left to train, evaluate once
-            metrics = self.evaluate()
-        if self.best is not None:
-            metrics["best"] = {"epoch": self.best["epoch"], **self.best["metrics"]}
-        self.finish(metrics)
-        return metrics
+        with self._stop_on_signals():
+            metrics: dict[str, Any] = {}
+            for epoch in range(self.epoch, cfg.epochs):
+                train_stats = self.train_one_epoch(epoch)
+                metrics = self.evaluate()
+                improved = self._track_best(epoch, metrics)
+                self.epoch = epoch + 1
+                # The epoch's records first, its checkpoint last: a kill in between resumes from an
+                # earlier checkpoint, which drops the records of the epochs it trains again.
+                self.log_epoch(epoch, train_stats, metrics)
+                if improved:
+                    best_predictions = self.run_dir / "predictions_best.npz"
+                    self._on_all_ranks_or_none(lambda: self.predictions.save(best_predictions), main_only=True)
+                path = self.save({"epoch": epoch + 1, "batches": 0})
+                if improved:
+                    self._on_all_ranks_or_none(lambda: keep_as_best(path), main_only=True)
+                self._check_stop()
+            if not metrics:  # resumed a finished run: nothing left to train, evaluate once
+                metrics = self.evaluate()
+            if self.best is not None:
+                metrics["best"] = {"epoch": self.best["epoch"], **self.best["metrics"]}
+            self.finish(metrics)
+            return metrics
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
@@ -464,12 +465,24 @@ class Trainer:
         total = self.accelerator.reduce(torch.tensor([value], device=self.accelerator.device), "sum")
         return int(total.item())
 
-    def _install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While training, SIGTERM and SIGINT request a stop at the next agreed step; the caller's
+        handlers come back afterwards (a notebook's Ctrl-C, or processes forked later, such as a
+        multiprocessing pool, must not inherit a handler that only sets a flag)."""
+        if threading.current_thread() is not threading.main_thread():  # signal.signal() is main-only
+            yield
+            return
+
         def request_stop(signum: int, frame: Any) -> None:
             self._stop_signal = signum
             signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, request_stop)
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():  # None: a handler not set from Python
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
     def _act_on_consensus(self, agreed: tuple[bool, int] | None) -> None:
         """Every rank gets the same all-reduced values at the same step and acts on them."""

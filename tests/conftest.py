@@ -1,6 +1,9 @@
-"""Shared pytest set-up: the Triton interpreter on machines without a GPU, a seed per test, and
-``@pytest.mark.gpu`` tests skipped where CUDA is missing."""
+"""Shared pytest set-up: the Triton interpreter on machines without a GPU, a seed per test,
+``@pytest.mark.gpu`` tests skipped where CUDA is missing, and one real run of the demo."""
 import os
+import subprocess
+import sys
+from types import SimpleNamespace
 
 # Before anything imports a @triton.jit kernel: Triton chooses compiled or interpreted at
 # decoration time. Without a GPU the kernels then run on CPU tensors through the interpreter; with
@@ -36,3 +39,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> SimpleNamespace:
+    """README's first command, ``skd train`` with no config, shard creation included, run once in
+    a fresh folder: ``folder/runs/demo`` holds the run, ``stdout`` what it printed."""
+    folder = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "SKD_CACHE": str(folder / "cache")}
+    done = subprocess.run([sys.executable, "-m", "skd", "train", "output_dir=runs/demo"], cwd=folder,
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return SimpleNamespace(folder=folder, run=folder / "runs" / "demo", stdout=done.stdout)

@@ -1,14 +1,10 @@
 """README's Python snippets run as written, each in a fresh interpreter, against a real run."""
-import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from skd.config import load_config
-from skd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
@@ -25,11 +21,9 @@ CHECKS = {
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A folder holding runs/demo: one short epoch of the demo (what the snippets read)."""
-    folder = tmp_path_factory.mktemp("readme")
-    train(load_config(None, ["epochs=1", "log_with=[]", "data.num_workers=0", f"output_dir={folder}/runs/demo"]))
-    return folder
+def workdir(demo_run):
+    """A folder holding runs/demo, the demo run as README's first command makes it."""
+    return demo_run.folder
 
 
 @pytest.mark.slow
