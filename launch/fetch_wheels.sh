@@ -12,18 +12,17 @@
 #
 # The wheels are for CPython $PYTHON_VERSION (default 3.12) on x86-64 Linux, pinned below, each
 # without its dependencies (the list names every one the image lacks). They are packed into
-# .whl/load-1/, .whl/load-2/, ... (git-ignored), each at most LOAD_MIB MiB: by default 64 MiB,
-# the most one call of the device tool carries, less this checkout's working tree (which travels
-# with every call) and 2 MiB. A wheel larger than a load is split into NAME.whl.part-000, -001,
-# ... across loads, with NAME.whl.sha256 beside its first part; by hand it reassembles as
+# .whl/load-1/, .whl/load-2/, ... (git-ignored), each at most LOAD_MIB MiB: by default 64 MiB
+# less this checkout's working tree and 2 MiB, so that one load plus the checkout fits a 64 MiB
+# transfer (set LOAD_MIB for another limit). A wheel larger than a load is split into
+# NAME.whl.part-000, -001, ... across loads, with NAME.whl.sha256 beside its first part; by
+# hand it reassembles as
 #     cat NAME.whl.part-* > NAME.whl && sha256sum -c NAME.whl.sha256
 # and launch/gpu_check.sh does exactly that before it installs every wheel of .whl/load-*/.
 #
-# Carrying N loads with the device tool: one call per load, in a row. A carried file stays on
-# the machine while it is held (it is given back about 30 s after a call), so
-#     calls 1 .. N-1:  carry [".whl/load-k"], command "true"
-#     call N:          carry [".whl/load-N"], command "bash launch/gpu_check.sh"
-# webdataset and liger make one load of about 1 MB: the usual run is a single call.
+# Copying N loads to the GPU machine: one transfer per load into the checkout there, then
+# `bash launch/gpu_check.sh` once all of .whl/load-*/ has arrived. webdataset and liger make one
+# load of about 1 MB: without DALI a single transfer is enough.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -35,13 +35,6 @@ class SampleStats:
     nll: torch.Tensor
     """−log p(label)."""
 
-    def stack(self) -> torch.Tensor:
-        return torch.stack([self.confidence, self.correct, self.correct5, self.nll], dim=1)
-
-    @classmethod
-    def unstack(cls, rows: torch.Tensor) -> SampleStats:
-        return cls(*rows.unbind(1))
-
 
 def _stats(confidence: torch.Tensor, pred: torch.Tensor, scores: torch.Tensor,
            label_log_prob: torch.Tensor, labels: torch.Tensor) -> SampleStats:
@@ -245,4 +238,5 @@ def eaurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> dict[str, float]:
+    """Every metric of an evaluation (top-1, top-5, NLL, ECE, AURC, E-AURC, sample count) at once."""
     return summarize(sample_stats(probs, labels), n_bins)

@@ -61,3 +61,4 @@ def test_summary_from_logits_matches_probability_functions():
     assert from_logits["aurc"] == pytest.approx(metrics.aurc(probs, labels))
     assert from_logits["eaurc"] == pytest.approx(metrics.eaurc(probs, labels))
     assert from_logits["num_samples"] == 200
+    assert metrics.classification_metrics(probs, labels) == pytest.approx(from_logits)
