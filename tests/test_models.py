@@ -1,5 +1,5 @@
 """The CIFAR nets registered with timm: official parameter counts, shapes and parameter layouts,
-the timm interface, the PreAct shortcut quirk, ShakeDrop, a training step, and checkpoint round
+eval logits equal to the official PS-KD nets', the timm interface, the PreAct shortcut quirk, ShakeDrop, a training step, and checkpoint round
 trips."""
 import copy
 import hashlib
@@ -266,6 +266,57 @@ def test_official_parameter_layout_loads_strictly(name, net):
     dst.load_state_dict(_checkpoint_filter({"epoch": 299, "net": official}, dst), strict=True)
     loaded = dst.state_dict()
     assert all(torch.equal(loaded[k.removeprefix("module.")], v) for k, v in official.items())
+
+
+def _filled(model):
+    """A float64 eval-mode copy whose every tensor is set from its position in the sorted state
+    dict alone (no initialiser, no RNG), so the official net filled the same way holds the same
+    numbers: running variances 1 ± 0.5, norm scales 0.5 ± 0.25, biases and means ±0.1, weights
+    a sine wave of variance 1/fan_in."""
+    model = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for i, (name, t) in enumerate(sorted(model.state_dict().items())):
+            if not t.is_floating_point():
+                continue
+            wave = torch.sin(torch.arange(t.numel(), dtype=torch.float64) * 0.7 + i).view(t.shape)
+            if name.endswith("running_var"):
+                t.copy_(1 + 0.5 * wave)
+            elif t.dim() == 1 and name.endswith("weight"):
+                t.copy_(0.5 + 0.25 * wave)
+            elif t.dim() == 1:
+                t.copy_(0.1 * wave)
+            else:
+                t.copy_(wave * (2.0 / t[0].numel()) ** 0.5)
+    return model
+
+
+# logits[:, :4] of the official nets of OFFICIAL_LAYOUT (same constructors and commit), filled by
+# _filled, on the image below: the forward passes must agree, not only the names.
+OFFICIAL_LOGITS = {
+    "preact_resnet18_cifar": [-12.101695514098, -16.120565230822, -19.032471580669, -20.664006492982,
+                              -12.056020715161, -16.051121334337, -18.943870982321, -20.562133957859],
+    "resnet101_cifar": [-35568.71356667339, 22955.813671434313, 59057.14341954252, 37471.490716586784,
+                        -33494.6851508986, 21569.74687960528, 55564.89037229808, 35284.281443997636],
+    "densenet121_cifar": [10.066408460962, 2.309371770187, -6.033244213968, -12.793075447113,
+                          10.061649722586, 2.30886560878, -6.029365556346, -12.7858253264],
+    "resnext29_8x64d_cifar": [-2947.493753922664, -4492.314987659026, -4863.441824777942,
+                              -3963.9259087326, -2948.331832291654, -4493.729025687737,
+                              -4865.06238438448, -3965.329595057364],
+    "pyramidnet200_cifar": [-3.602303392096, -6.408930815276, -7.525202138941, -6.671942553299,
+                            -3.60220444806, -6.408800755466, -7.52507494338, -6.671851453686],
+    "pyramidnet200_shakedrop_cifar": [-1.418033941236, -3.263292150873, -4.240038292704,
+                                      -4.105550547951, -1.417946862473, -3.263197058737,
+                                      -4.239960031404, -4.105509564395],
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_LOGITS))
+def test_eval_logits_equal_the_official_nets(name, net):
+    image = torch.sin(torch.arange(2 * 3 * 32 * 32, dtype=torch.float64) * 0.37).view(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = _filled(net(name))(image)
+    expected = torch.tensor(OFFICIAL_LOGITS[name], dtype=torch.float64).view(2, 4)
+    torch.testing.assert_close(logits[:, :4], expected, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("name", PSKD_NETS)

@@ -7,7 +7,9 @@ RepDistiller trains FSP in two stages, reproduced here by epoch:
    is only the FSP loss (weight ``feat_weight``, 1: the official stage sums the FSP terms
    unweighted), over all maps including the stem (RepDistiller's ``feat[:-1]``), pairs of
    consecutive maps. The classifier gets no gradient, as official (its init optimizer holds the
-   feature modules only); BatchNorm runs in train mode, as official.
+   feature modules only). The whole student runs in train mode; the official stage leaves
+   modules outside its feature list in eval mode (on the WRNs the final ``bn1``, whose running
+   statistics skd therefore updates; docs/feature_kd.md).
 2. **Main stage**, the remaining epochs: ``γ·CE + α·KD`` only. RepDistiller's ``-b 50`` multiplies
    a loss that its main loop sets to 0 for FSP, so it has no effect; its run uses ``-a 0``.
 
