@@ -6,9 +6,8 @@ from skd.data.loader import CorruptDataError, ShardLoader, create_loader
 from skd.data.partners import PartnerSampler
 from skd.data.paths import resolve_shard_dir
 from skd.data.sample_index import SampleIndex, ShardFormatError, index_shards
-from skd.data.shard_writer import ImageFolderError, ShardSetWriter, shard_image_folder
+from skd.data.shard_writer import ImageFolderError, ShardSetWriter
 
 __all__ = ["DatasetInfo", "DatasetInfoError", "ShardInfo", "digits_shards", "EpochPlan", "plan_epoch",
            "CorruptDataError", "ShardLoader", "create_loader", "PartnerSampler", "resolve_shard_dir",
-           "SampleIndex", "ShardFormatError", "index_shards", "ImageFolderError", "ShardSetWriter",
-           "shard_image_folder"]
+           "SampleIndex", "ShardFormatError", "index_shards", "ImageFolderError", "ShardSetWriter"]

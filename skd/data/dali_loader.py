@@ -387,8 +387,6 @@ class DaliLoader:
     def __init__(self, encoded: ShardLoader, spec: PipelineSpec) -> None:
         self._encoded, self.spec = encoded, spec
         self.info = encoded.info
-        self.batch_size, self.world_size, self.rank = encoded.batch_size, encoded.world_size, encoded.rank
-        self.train, self.num_workers = encoded.train, encoded.num_workers
         self._runner: _Runner | None = None
         self._state: dict | None = None  # inner state after the last yielded batch
         self._header_corrupt = 0  # inner loader's count after the last yielded batch
@@ -479,16 +477,15 @@ class DaliLoader:
         return out
 
 
-def create_dali_loader(shard_dir: str | Path, cfg: Any, *, train: bool, batch_size: int, seed: int = 0,
-                       rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                       channels_last: bool = False, with_partner: bool = False,
-                       exclude_self_pair: bool = False) -> DaliLoader:
-    """A ``DaliLoader`` over ``shard_dir`` configured by the ``DataConfig`` ``cfg``
-    (``dali_device``, ``dali_threads``, ``dali_hw_decoder_load``, ``dali_dtype``, the
-    augmentation keys, ``num_workers`` shard-reading processes, ``shuffle_buffer``,
-    ``drop_last``). ``device`` is the GPU to decode on (default: the current one)."""
-    import_dali()
-    check_dali_config(cfg)
+def create_dali_loader(shard_dir: str | Path, cfg: Any, *, train: bool, batch_size: int,
+                       device: torch.device | None = None, channels_last: bool = False,
+                       **plan: Any) -> DaliLoader:
+    """A ``DaliLoader`` over ``shard_dir``: DALI's settings and the augmentation from the
+    ``DataConfig`` ``cfg`` (``dali_device``, ``dali_threads``, ``dali_hw_decoder_load``,
+    ``dali_dtype``, crop keys); ``plan`` is passed on to ``create_loader`` (seed, rank, world
+    size, workers, shuffle buffer, drop_last, the method's loader options). ``device`` is the GPU
+    to decode on (default: the current one)."""
+    import_dali()  # the config itself was checked when it was built
     if train:
         mode = cfg.train_crop
         params = RandomResizedCropParams(cfg) if mode == "rrc" else PadCropParams(cfg)
@@ -498,11 +495,9 @@ def create_dali_loader(shard_dir: str | Path, cfg: Any, *, train: bool, batch_si
     if cfg.dali_device == "gpu":
         device_id = device.index if device is not None and device.type == "cuda" and device.index is not None \
             else torch.cuda.current_device()
-    encoded = create_loader(shard_dir, train=train, batch_size=batch_size, transform=params, seed=seed,
-                            rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-                            shuffle_buffer=cfg.shuffle_buffer, drop_last=cfg.drop_last if train else False,
-                            with_partner=with_partner, exclude_self_pair=exclude_self_pair, pin_memory=False,
-                            decode=read_header, collate=collate_encoded)
+    encoded = create_loader(shard_dir, train=train, batch_size=batch_size, transform=params,
+                            pin_memory=False, decode=read_header, collate=collate_encoded, **plan)
+    with_partner = plan.get("with_partner", False)
     spec = PipelineSpec(mode=mode, img_size=cfg.img_size, mean=tuple(cfg.mean), std=tuple(cfg.std),
                         rotation=train and mode == "pad_crop" and cfg.rotation > 0, device_id=device_id,
                         threads=cfg.dali_threads, max_batch=batch_size * (2 if with_partner else 1),

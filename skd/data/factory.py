@@ -21,14 +21,12 @@ def create_data_loader(cfg: DataConfig, shard_dir: str | Path, *, train: bool, b
     matter to the DALI backend only: its images are made on ``device`` (``data.dali_device=gpu``)
     in the memory format the model uses; the torch backend yields CPU tensors.
     """
+    plan = dict(train=train, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, drop_last=cfg.drop_last,
+                **method_loader_options)
     if cfg.backend == "dali":
         from skd.data.dali_loader import create_dali_loader
-        return create_dali_loader(shard_dir, cfg, train=train, batch_size=batch_size, seed=seed, rank=rank,
-                                  world_size=world_size, device=device, channels_last=channels_last,
-                                  **method_loader_options)
+        return create_dali_loader(shard_dir, cfg, device=device, channels_last=channels_last, **plan)
     transform = create_train_transform(cfg) if train else create_eval_transform(cfg)
-    loader: ShardLoader = create_loader(
-        shard_dir, train=train, batch_size=batch_size, transform=transform, seed=seed, rank=rank,
-        world_size=world_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-        drop_last=cfg.drop_last if train else False, **method_loader_options)
+    loader: ShardLoader = create_loader(shard_dir, transform=transform, **plan)
     return loader

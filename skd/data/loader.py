@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from skd.data.dataset_info import DatasetInfo
 from skd.data.epoch_plan import AUGMENT, PARTNER, WORKERS, EpochPlan, derive_seed, plan_epoch
 from skd.data.partners import PartnerSampler
-from skd.data.sample_index import SampleIndex, ShardFormatError
+from skd.data.sample_index import SampleIndex, ShardFormatError, check_not_truncated
 
 _log = logging.getLogger("skd.data")
 
@@ -46,10 +46,10 @@ class CorruptDataError(ValueError):
 class _ShardSource:
     """Everything a worker needs (picklable): the index, partner sampler, transform and hooks."""
 
-    def __init__(self, directory: Path, info: DatasetInfo, index: SampleIndex, transform: Callable,
-                 seed: int, rank: int, partners: PartnerSampler | None, decode: Callable | None = None,
+    def __init__(self, info: DatasetInfo, index: SampleIndex, transform: Callable, seed: int, rank: int,
+                 partners: PartnerSampler | None, decode: Callable | None = None,
                  collate: Callable | None = None) -> None:
-        self.directory, self.info, self.index = directory, info, index
+        self.info, self.index = info, index
         self.transform, self.seed, self.rank = transform, seed, rank
         self.decode, self.collate = decode or _decode, collate
         self.partners = partners
@@ -63,7 +63,7 @@ class _ShardSource:
             yield self._make_batch(plan, j)
 
     def _describe(self, sid: int) -> str:
-        shard = int(np.searchsorted(self.offsets, sid, side="right")) - 1
+        shard = int(self.index["shard"][sid])
         return f"{self.info.shards[shard].name}: sample {sid - int(self.offsets[shard])} (id {sid})"
 
     def _make_batch(self, plan: EpochPlan, j: int) -> dict[str, Any]:
@@ -227,10 +227,12 @@ class ShardLoader:
 
     def plan(self) -> EpochPlan:
         """This rank's plan for the current epoch (from the current start position)."""
+        return self._plan(self.rank, self.world_size, self.batch_size, self.drop_last, self._start)
+
+    def _plan(self, rank: int, world_size: int, batch_size: int, drop_last: bool, start: int) -> EpochPlan:
         return plan_epoch([s.num_samples for s in self.info.shards], epoch=self._epoch, seed=self._source.seed,
-                          rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
-                          train=self.train, drop_last=self.drop_last, window=self._epoch_window,
-                          start=self._start)
+                          rank=rank, world_size=world_size, batch_size=batch_size, train=self.train,
+                          drop_last=drop_last, window=self._epoch_window, start=start)
 
     def __len__(self) -> int:
         return self.plan().num_batches
@@ -260,10 +262,7 @@ class ShardLoader:
             return
         # Another number of processes or batch size: plan the rest of the epoch from the position
         # the saved plan reached (all of it when that plan was finished).
-        old = plan_epoch([s.num_samples for s in self.info.shards], epoch=epoch, seed=self._source.seed, rank=0,
-                         world_size=layout[0], batch_size=layout[1], train=self.train,
-                         drop_last=bool(state.get("drop_last", self.drop_last)), window=self._epoch_window,
-                         start=start)
+        old = self._plan(0, *layout, bool(state.get("drop_last", self.drop_last)), start)
         done = batches >= old.num_batches
         self._start = self.info.num_samples if done else old.position_after(batches)
         self._position = 0
@@ -304,12 +303,7 @@ def _check_shard_sizes(directory: Path, info: DatasetInfo, index: SampleIndex) -
     ends = np.asarray(index["image_offset"], dtype=np.int64) + np.asarray(index["image_size"], dtype=np.int64)
     offsets = info.shard_offsets
     for k, shard in enumerate(info.shards):
-        size = (directory / shard.name).stat().st_size
-        mine = ends[offsets[k]:offsets[k + 1]]
-        if len(mine) and int(mine.max()) > size:
-            complete = int(np.count_nonzero(mine <= size))
-            raise ShardFormatError(f"{shard.name}: the file is truncated ({size} bytes): {complete} of its "
-                                   f"{shard.num_samples} samples are complete; re-create or re-download it")
+        check_not_truncated(shard.name, ends[offsets[k]:offsets[k + 1]], (directory / shard.name).stat().st_size)
 
 
 def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transform: Callable,
@@ -348,14 +342,11 @@ def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transf
         raise ValueError(f"{directory / 'dataset.json'}: the dataset has no samples")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if not SampleIndex.exists(directory):
-        raise FileNotFoundError(f"{directory}: samples.npz is missing (the index of every sample); write it "
-                                f"with `skd shard --index-only {directory}`")
     index = SampleIndex.load(directory, info)
     _check_shard_sizes(directory, info, index)
     labels = np.asarray(index.labels)
     bad = np.flatnonzero((labels < 0) | (labels >= info.num_classes))
-    source = _ShardSource(directory, info, index, transform, seed, rank, None, decode, collate)
+    source = _ShardSource(info, index, transform, seed, rank, None, decode, collate)
     if len(bad):
         raise ShardFormatError(f"{source._describe(int(bad[0]))} has label {int(labels[bad[0]])}, outside "
                                f"[0, num_classes={info.num_classes}) of dataset.json "

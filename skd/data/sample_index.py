@@ -58,10 +58,6 @@ class RawSample:
     key: str
     shard: str
     """Shard file name (for messages)."""
-    path: str
-    """Shard file path."""
-    position: int
-    """Position inside the shard."""
     offset: int
     image_ext: str | None = None
     image_offset: int = -1
@@ -131,7 +127,7 @@ def iter_shard(path: str | Path) -> Iterator[RawSample]:
                     if current is not None:
                         yield current
                         position += 1
-                    current = RawSample(key=key, shard=name, path=path, position=position, offset=info.offset)
+                    current = RawSample(key=key, shard=name, offset=info.offset)
                 if ext in IMAGE_EXTS:
                     if current.image_ext is not None:
                         if current.image_ext == ext:
@@ -183,12 +179,18 @@ def scan_shard(path: str | Path, shard_index: int = 0) -> dict[str, np.ndarray]:
                      ("image_ext", IMAGE_EXTS[s.image_ext])):
             rows[k].append(v)
     columns = {k: np.asarray(v, dtype=INDEX_FIELDS[k]) for k, v in rows.items()}
-    ends = columns["image_offset"] + columns["image_size"]
-    size = os.path.getsize(path)
-    if len(ends) and int(ends.max()) > size:  # cut inside an image: its header was still whole
-        raise ShardFormatError(f"{Path(path).name}: the file is truncated ({size} bytes): "
-                               f"{int(np.count_nonzero(ends <= size))} of its {len(ends)} samples are complete")
+    # Cut inside an image: its header was still whole.
+    check_not_truncated(Path(path).name, columns["image_offset"] + columns["image_size"], os.path.getsize(path))
     return columns
+
+
+def check_not_truncated(shard: str, image_ends: np.ndarray, size: int) -> None:
+    """Raise ``ShardFormatError`` if the shard file (``size`` bytes) ends before one of its
+    samples' images does (``image_ends``: each image's end offset), saying how many are complete."""
+    if len(image_ends) and int(image_ends.max()) > size:
+        raise ShardFormatError(f"{shard}: the file is truncated ({size} bytes): "
+                               f"{int(np.count_nonzero(image_ends <= size))} of its {len(image_ends)} samples "
+                               f"are complete; re-create or re-download it")
 
 
 def _scan_job(job: tuple[str, int]) -> dict[str, np.ndarray]:
@@ -277,7 +279,8 @@ class SampleIndex:
         self.info = info if info is not None else DatasetInfo.load(self.directory)
         path = self.directory / INDEX_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; write it with `skd shard --index-only {self.directory}`")
+            raise FileNotFoundError(f"{path} is missing (the index of every sample); write it with "
+                                    f"`skd shard --index-only {self.directory}`")
         cols = _load_npz_mmap(path)
         missing = [k for k in INDEX_FIELDS if k not in cols]
         if missing:
@@ -299,10 +302,6 @@ class SampleIndex:
     @classmethod
     def load(cls, directory: str | Path, info: DatasetInfo | None = None) -> "SampleIndex":
         return cls(directory, info)
-
-    @staticmethod
-    def exists(directory: str | Path) -> bool:
-        return (Path(directory) / INDEX_FILE).is_file()
 
     def __len__(self) -> int:
         return self.info.num_samples

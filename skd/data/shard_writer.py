@@ -435,13 +435,3 @@ def write_splits(listings: list[SplitListing], out_dir: str | Path, *,
         listed_names = {sh.name for sh in info.shards}
         report.stale += sorted(str(p) for p in dest.glob("*.tar") if p.name not in listed_names)
     return report
-
-
-def shard_image_folder(image_folder: str | Path, out_dir: str | Path, *,
-                       max_per_shard: int = DEFAULT_MAX_PER_SHARD, max_side: int | None = None,
-                       quality: int | None = None, workers: int = 1, progress: bool = True,
-                       shuffle_seed: int | None = 0) -> ShardReport:
-    """``skd shard IMAGE_FOLDER OUT_DIR``: one shard set, or one per split (``OUT_DIR/train`` …)."""
-    return write_splits(list_image_folder_splits(image_folder), out_dir, max_per_shard=max_per_shard,
-                        max_side=max_side, quality=quality, workers=workers, progress=progress,
-                        shuffle_seed=shuffle_seed, name=Path(image_folder).name)
