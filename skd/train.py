@@ -48,6 +48,7 @@ from skd.models.factory import create_model
 from skd.optim import create_optimizer, scheduler_kwargs
 from skd.report import log_reliability_diagram
 from skd.resume import check_output_dir, check_resume_config, select_checkpoint
+from skd.teacher import load_state_dict_file
 
 class NonFiniteLoss(RuntimeError):
     """The loss or the weights became NaN or infinite; nothing after the last good step is saved."""
@@ -75,6 +76,7 @@ class Trainer:
         state = PartialState(cpu=cpu)
         name = f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.name}-{cfg.model.name}"
         self.run_dir = Path(broadcast_object_list([cfg.output_dir or name])[0])
+        self._resume_state: dict[str, Any] | None = None  # the main process keeps what _start loaded
         resume_path, self.run_id = self._start(state)
         self.accelerator = acc = Accelerator(
             cpu=cpu, mixed_precision=precision, log_with=cfg.log_with or None,
@@ -115,6 +117,7 @@ class Trainer:
                 path, ckpt = select_checkpoint(self.run_dir, self.cfg.resume)
                 if ckpt is not None:
                     check_resume_config(ckpt, self.cfg)
+                self._resume_state = ckpt
                 run_id = (ckpt or {}).get("run_id") or uuid.uuid4().hex[:12]
                 answer = [str(path) if path else None, run_id, None]
             except Exception as e:  # noqa: BLE001  every rank must learn of it, or they would wait
@@ -358,7 +361,8 @@ class Trainer:
 
     def _restore(self, path: Path) -> dict[str, Any] | None:
         """Restore every component from checkpoint ``path``; return this rank's RNG state."""
-        state = load_checkpoint(path)
+        state = self._resume_state if self._resume_state is not None else load_checkpoint(path)
+        self._resume_state = None
         try:
             self.unwrapped.load_trainable_state_dict(state["method"])
             if state.get("rank_parts"):  # a sharded state, re-sharded for this run's processes
@@ -429,9 +433,7 @@ class Trainer:
             save_file(_cpu(self.ema.module.state_dict()), self.run_dir / "model_ema.safetensors")
         best = best_checkpoint(self.run_dir)
         if best is not None:
-            model = load_checkpoint(best)["method"]
-            save_file(_cpu({k.removeprefix("model."): v for k, v in model.items() if k.startswith("model.")}),
-                      self.run_dir / "model_best.safetensors")
+            save_file(_cpu(load_state_dict_file(best)), self.run_dir / "model_best.safetensors")
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         self.predictions.save(self.run_dir / "predictions.npz")
         print(format_table(metrics, title=f"{self.cfg.method.name} / {self.cfg.model.name}"))
@@ -502,8 +504,7 @@ class Trainer:
 
     def _check_stop(self) -> None:
         """At an epoch end (checkpoint already written): stop if any rank got a signal."""
-        flag = torch.tensor(1.0 if self._stop_signal else 0.0, device=self.accelerator.device)
-        if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+        if self._sum_over_ranks(int(self._stop_signal is not None)) > 0:
             raise StopRequested(self._stop_signal or signal.SIGTERM)
 
 
@@ -515,15 +516,18 @@ class _StepConsensus:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        self.alone = not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
         self.pending: tuple[torch.Tensor, Any] | None = None
 
     def exchange(self, stop: bool, corrupt: int) -> tuple[bool, int] | None:
         """Launch this step's reduction; return the previous step's result (None at the first)."""
         previous = self.drain()
         values = torch.tensor([float(stop), float(corrupt)], dtype=torch.float64)
+        if self.alone:  # nothing to reduce: the values wait on the host, acted on a step later as with ranks
+            self.pending = (values, None)
+            return previous
         values = values.to(self.device, non_blocking=True)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(values, async_op=True).wait()  # NCCL: the stream waits, not the host
+        dist.all_reduce(values, async_op=True).wait()  # NCCL: the stream waits, not the host
         event = None
         if self.cuda:
             host = torch.empty(2, dtype=torch.float64, pin_memory=True)
