@@ -9,7 +9,8 @@ k is the output of block k.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import contextlib
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -63,13 +64,7 @@ def pooled_feature_channels(model: nn.Module, index: int,
                             input_size: tuple[int, ...] | None = None) -> int:
     """Channels of ``forward_with_pooled_feature``'s feature, by a dry run in eval mode on a
     zero image (no running statistics change, no random numbers drawn)."""
-    if input_size is None:
-        input_size = _input_size(model)
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters())
-        x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+    with _dry_run(model, input_size) as x:
         if is_token_model(model) and _has_cls_token(model):
             inter = model.forward_intermediates(x, indices=[index], return_prefix_tokens=True,
                                                 stop_early=True, intermediates_only=True)
@@ -77,11 +72,24 @@ def pooled_feature_channels(model: nn.Module, index: int,
         inter = model.forward_intermediates(x, indices=[index], stop_early=True,
                                             intermediates_only=True)
         return int(_gap(inter[0]).shape[-1])
+
+
+@contextlib.contextmanager
+def _dry_run(model: nn.Module, input_size: tuple[int, ...] | None) -> Iterator[torch.Tensor]:
+    """Within: ``model`` in eval mode and a zero image of ``input_size`` (default: the model's)
+    on its device and dtype; the training flag comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        yield torch.zeros(1, *(input_size or default_input_size(model)), device=param.device, dtype=param.dtype)
     finally:
         model.train(was_training)
 
 
-def _input_size(model: nn.Module) -> tuple[int, ...]:
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """``(C, H, W)`` the model is built for: its patch embed's fixed size, else timm's
+    ``pretrained_cfg["input_size"]`` (32 px for skd's CIFAR nets), else 224 px."""
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
     if img_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
@@ -189,24 +197,10 @@ def forward_with_maps(model: nn.Module, x: torch.Tensor, taps: Sequence[FeatureT
     return Features(model.forward_head(final), maps, embedding)
 
 
-def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """``(C, H, W)`` the model is built for: its patch embed's fixed size, else timm's
-    ``pretrained_cfg["input_size"]`` (32 px for skd's CIFAR nets), else 224 px."""
-    return _input_size(model)
-
-
 @torch.no_grad()
 def probe_features(model: nn.Module, taps: Sequence[FeatureTap], with_embedding: bool = False,
                    input_size: tuple[int, ...] | None = None) -> Features:
     """``forward_with_maps`` on one zero image in eval mode (no running statistics change, no
     random numbers drawn), to size the modules that connect student and teacher maps."""
-    if input_size is None:
-        input_size = _input_size(model)
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters())
-        x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+    with _dry_run(model, input_size) as x:
         return forward_with_maps(model, x, taps, with_embedding)
-    finally:
-        model.train(was_training)

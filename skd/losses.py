@@ -288,7 +288,7 @@ def ickd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
     B, C = student_feat.shape[:2]
     f_s = _acc(student_feat).reshape(B, C, -1)
     f_t = _acc(teacher_feat).detach().reshape(B, C, -1)
-    with torch.autocast(f_s.device.type, enabled=False):  # autocast would put bmm back in bf16
+    with _no_autocast(f_s):
         g_s = F.normalize(torch.bmm(f_s, f_s.transpose(1, 2)), dim=2)
         g_t = F.normalize(torch.bmm(f_t, f_t.transpose(1, 2)), dim=2)
     denom = C * B * (B if norm == "imagenet" else 1)

@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from skd.memory.rows import Fields, FetchedRows, allocate, check_state, last_write_wins, world
+from skd.memory.rows import Fields, FetchedRows, check_state, last_write_wins, on_device, world
 
 # torch >= 2.10 renamed all_gather_into_tensor (now deprecated, with a warning per call).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -32,10 +32,7 @@ class ReplicatedRows(nn.Module):
     def tensors_on(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """The ``[N + 1, width]`` tensors, allocated (zeros; on the CPU without ``device``) or
         moved to ``device`` when needed."""
-        if self._tensors is None:
-            self._tensors = allocate(self.num_samples + 1, self.fields, device or "cpu")
-        elif device is not None and next(iter(self._tensors.values())).device != device:
-            self._tensors = {name: t.to(device) for name, t in self._tensors.items()}
+        self._tensors = on_device(self._tensors, self.num_samples + 1, self.fields, device)
         return self._tensors
 
     def fetch(self, index: torch.Tensor) -> FetchedRows:

@@ -36,6 +36,17 @@ def allocate(num_rows: int, fields: Fields, device: torch.device | str) -> dict[
             for name, (width, dtype) in fields.items()}
 
 
+def on_device(tensors: dict[str, torch.Tensor] | None, num_rows: int, fields: Fields,
+              device: torch.device | None) -> dict[str, torch.Tensor]:
+    """``tensors`` moved to ``device`` when they are elsewhere, or allocated (zeros; on the CPU
+    without ``device``) when there are none yet."""
+    if tensors is None:
+        return allocate(num_rows, fields, device or "cpu")
+    if device is not None and next(iter(tensors.values())).device != device:
+        return {name: t.to(device) for name, t in tensors.items()}
+    return tensors
+
+
 def check_state(state: dict[str, torch.Tensor], fields: Fields, num_rows: int, what: str) -> None:
     """A clear error when saved rows do not match this memory's fields."""
     if set(state) != set(fields):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from skd.memory.rows import Fields, FetchedRows, allocate, check_state, last_write_wins, world
+from skd.memory.rows import Fields, FetchedRows, check_state, last_write_wins, on_device, world
 
 
 _PART_META = ("row_start", "num_samples")
@@ -69,10 +69,7 @@ class ShardedRows(nn.Module):
     def tensors_on(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """This rank's ``[stop − start + 1, width]`` tensors (the last row is scratch), allocated
         (zeros) or moved to ``device`` when needed."""
-        if self._tensors is None:
-            self._tensors = allocate(self.num_local_rows + 1, self.fields, device or "cpu")
-        elif device is not None and next(iter(self._tensors.values())).device != device:
-            self._tensors = {name: t.to(device) for name, t in self._tensors.items()}
+        self._tensors = on_device(self._tensors, self.num_local_rows + 1, self.fields, device)
         return self._tensors
 
     @torch.no_grad()

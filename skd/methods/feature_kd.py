@@ -24,12 +24,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from skd import losses
 from skd.config_checks import bounded
 from skd.features import (FeatureTap, Features, default_input_size, forward_with_maps,
                           num_feature_maps, probe_features)
 from skd.methods.base import DataSpec
-from skd.methods.teacher import TeacherConfig, TeacherMethod
+from skd.methods.teacher import TeacherConfig, TeacherMethod, hard_and_kd_parts
 
 __all__ = ["FeatureKDConfig", "FeatureKD", "stages_after_stem"]
 
@@ -94,10 +93,7 @@ class FeatureKD(TeacherMethod):
                     teacher_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """``ce`` = γ·CE, and ``kl`` = α·T²·KL when α > 0 (then ``teacher_logits`` is needed)."""
         cfg = self.cfg
-        parts = {"ce": cfg.ce_weight * losses.cross_entropy(logits, labels)}
-        if cfg.kd_weight:
-            parts["kl"] = cfg.kd_weight * losses.kd_loss(logits, teacher_logits, cfg.temperature)
-        return parts
+        return hard_and_kd_parts(logits, labels, teacher_logits, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         student, teacher = self.features(batch["image"])

@@ -83,9 +83,6 @@ class FSP(FeatureKD):
             return {"loss": fsp, "logits": student.logits.detach(), "parts": {"fsp": fsp}}
         images = batch["image"]
         logits = self.model(images)
-        teacher_logits = None
-        if self.cfg.kd_weight:
-            with torch.no_grad():
-                teacher_logits = self.teacher(images)
+        teacher_logits = self.teacher_logits(images) if self.cfg.kd_weight else None
         parts = self.logit_parts(logits, batch["label"], teacher_logits)
         return {"loss": sum(parts.values()), "logits": logits, "parts": parts}

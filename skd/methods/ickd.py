@@ -20,7 +20,7 @@ from skd.config_checks import bounded, one_of
 from skd.features import forward_with_last_map, last_map_channels
 from skd.methods.base import DataSpec
 from skd.methods.registry import register_method
-from skd.methods.teacher import TeacherConfig, TeacherMethod
+from skd.methods.teacher import TeacherConfig, TeacherMethod, hard_and_kd_parts
 
 
 def make_embed(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -62,11 +62,6 @@ class ICKD(TeacherMethod):
         logits, feature = forward_with_last_map(self.model, images)
         with torch.no_grad():
             teacher_logits, teacher_feature = forward_with_last_map(self.teacher, images)
-        ce = cfg.ce_weight * losses.cross_entropy(logits, labels)
-        ickd = cfg.ickd_weight * losses.ickd_loss(self.embed(feature), teacher_feature, cfg.norm)
-        parts = {"ce": ce, "ickd": ickd}
-        loss = ce + ickd
-        if cfg.kd_weight:
-            parts["kl"] = cfg.kd_weight * losses.kd_loss(logits, teacher_logits, cfg.temperature)
-            loss = loss + parts["kl"]
-        return {"loss": loss, "logits": logits, "parts": parts}
+        parts = hard_and_kd_parts(logits, labels, teacher_logits, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
+        parts["ickd"] = cfg.ickd_weight * losses.ickd_loss(self.embed(feature), teacher_feature, cfg.norm)
+        return {"loss": sum(parts.values()), "logits": logits, "parts": parts}

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from skd import losses
 from skd.config_checks import one_of
 from skd.convert import CHECKPOINT_FORMATS
 from skd.methods.base import DataSpec, Method, MethodConfig
@@ -70,3 +71,13 @@ class TeacherMethod(Method):
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.teacher(images)
+
+
+def hard_and_kd_parts(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
+                      ce_weight: float, kd_weight: float, temperature: float) -> dict[str, torch.Tensor]:
+    """RepDistiller's logit terms: ``ce`` = γ·CE, and ``kl`` = α·T²·KL when α > 0 (then
+    ``teacher_logits`` is needed)."""
+    parts = {"ce": ce_weight * losses.cross_entropy(logits, labels)}
+    if kd_weight:
+        parts["kl"] = kd_weight * losses.kd_loss(logits, teacher_logits, temperature)
+    return parts
