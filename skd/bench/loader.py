@@ -183,7 +183,9 @@ def _train_step(model_name: str, device: torch.device, num_classes: int) -> Call
 
     def step(images: torch.Tensor) -> None:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        target = labels.setdefault(len(images), torch.randint(0, num_classes, (len(images),), device=device))
+        if len(images) not in labels:  # setdefault would draw new labels on every step
+            labels[len(images)] = torch.randint(0, num_classes, (len(images),), device=device)
+        target = labels[len(images)]
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             loss = torch.nn.functional.cross_entropy(model(images), target)
         loss.backward()

@@ -22,6 +22,8 @@ import math
 import sys
 from dataclasses import dataclass
 
+from skd.bench._report import markdown_table
+
 DATASETS = {"ImageNet-1k": (1_281_167, 1_000), "ImageNet-21k": (14_197_122, 21_841)}
 LAYOUTS = ("replicated", "sharded", "topk", "sharded_topk")
 ID_BYTES = 8  # int64 sample ids
@@ -84,8 +86,7 @@ def format_table(rows: list[PlanRow], bandwidths: list[float], gpu_memory_GB: fl
     body = [[r.dataset, str(r.gpus), r.layout + (f" k={r.k}" if r.k else ""), _size(r.memory_bytes),
              f"{100 * r.memory_bytes / (gpu_memory_GB * 1e9):.3g}%", _size(r.step_bytes)]
             + [f"{r.step_ms(b):.3g}" for b in bandwidths] for r in rows]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+    return markdown_table(head, body)
 
 
 def main(argv: list[str] | None = None) -> int:
