@@ -290,7 +290,7 @@ class TrainConfig:
                "needs output_dir: the run directory to continue (without one, every run gets a new one)")
         keys = flat_dict(config_to_dict(self))
         for key in self.resume_allow_changes:
-            if not any(k == key or k.startswith(key + ".") for k in keys):
+            if not any(in_sections(k, [key]) for k in keys):
                 _check(False, "resume_allow_changes", self.resume_allow_changes,
                        f"{key!r} is not a config key or section{_suggest(key, sorted(keys))}")
         if self.mixup.enabled:  # refused before any work: the method must accept mixed targets
@@ -478,6 +478,11 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     os.replace(tmp, path)
+
+
+def in_sections(key: str, sections: tuple[str, ...] | list[str]) -> bool:
+    """The dotted ``key`` is one of ``sections`` or lies inside one (``"optim"`` holds ``"optim.lr"``)."""
+    return any(key == p or key.startswith(p + ".") for p in sections)
 
 
 def flat_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

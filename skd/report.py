@@ -30,7 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from skd.config import flat_dict, load_yaml
+from skd.config import flat_dict, in_sections, load_yaml
 from skd.metrics import CalibrationBins, Predictions, calibration_bins, risk_coverage
 from skd.resume import OPERATIONAL_KEYS
 
@@ -115,8 +115,7 @@ def load_run(path: str | Path) -> Run:
 def _comparable(config: dict[str, Any], group_by: str | None) -> dict[str, Any]:
     """The config keys that make two runs different experiments."""
     ignored = OPERATIONAL_KEYS + ((group_by,) if group_by else ())
-    return {k: v for k, v in config.items()
-            if not any(k == p or k.startswith(p + ".") for p in ignored)}
+    return {k: v for k, v in config.items() if not in_sections(k, ignored)}
 
 
 def group_runs(runs: list[Run], group_by: str | None = None) -> list[RunGroup]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from skd.checkpoint import CHECKPOINT_DIR, FORMATS, list_checkpoints, load_checkpoint, read_run_id
-from skd.config import ConfigError, TrainConfig, config_to_dict
+from skd.config import ConfigError, TrainConfig, config_to_dict, in_sections
 
 __all__ = ["check_output_dir", "select_checkpoint", "check_resume_config", "OPERATIONAL_KEYS"]
 
@@ -114,17 +114,12 @@ def check_resume_config(state: dict[str, Any], cfg: TrainConfig) -> None:
     # it is a config key this version added or dropped since the checkpoint was written.
     keys = sorted((old.keys() & new.keys()) | {k for k in old.keys() ^ new.keys() if k.startswith("method.")})
     changed = [key for key in keys if old.get(key, _ABSENT) != new.get(key, _ABSENT)
-               and not _matches(key, OPERATIONAL_KEYS + allowed)]
+               and not in_sections(key, OPERATIONAL_KEYS + allowed)]
     if changed:
         lines = "; ".join(f"{k}: {old.get(k, _ABSENT)!r} -> {new.get(k, _ABSENT)!r}" for k in changed)
         raise ConfigError(f"resume: the config differs from the checkpoint's in {lines}. Resume with the "
                           f"checkpoint's values, or list the keys you mean to change in "
                           f"resume_allow_changes (e.g. resume_allow_changes=[{changed[0]}])")
-
-
-def _matches(key: str, patterns: tuple[str, ...]) -> bool:
-    """``key`` is one of ``patterns`` or lies inside a section named by one."""
-    return any(key == p or key.startswith(p + ".") for p in patterns)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
