@@ -23,6 +23,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from skd.errors import SkdError
+
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
 CHECKPOINT_FORMAT = "skd-checkpoint-2"
@@ -50,8 +52,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(SkdError, OSError):
     """A checkpoint could not be written (disk full, permissions); no partial file is left."""
+
+    exit_status = 1
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path, keep: int = 0) -> Path:

@@ -18,14 +18,11 @@ from typing import Any
 import yaml
 
 from skd.config_checks import bounded, check_fields, one_of
+from skd.errors import ConfigError
 from skd.methods import MethodConfig, get_method_class, get_method_config_class, list_methods
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key or file in its message."""
 
 
 @dataclass

@@ -34,6 +34,8 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from skd.errors import CheckpointError
+
 __all__ = ["CHECKPOINT_FORMATS", "ConversionError", "mmcls_to_timm", "mmcls_num_classes", "main"]
 
 CHECKPOINT_FORMATS = ("timm", "mmcls")
@@ -41,7 +43,7 @@ CHECKPOINT_FORMATS = ("timm", "mmcls")
 mmcls names, converted while loading."""
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """A checkpoint does not convert onto the timm model; the message names the key and file."""
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from timm.data.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 
 from skd import losses
+from skd.batch import Batch
 
 if TYPE_CHECKING:  # skd.config imports the methods, which import this module
     from skd.config import MixupConfig
@@ -74,8 +75,8 @@ class BatchMixer:
                                            correct_lam=self.timm_mixup.correct_lam)
         return float(lam), tuple(int(b) for b in box)
 
-    def __call__(self, batch: dict[str, torch.Tensor], epoch: int,
-                 batch_number: int) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: Batch, epoch: int,
+                 batch_number: int) -> Batch:
         """Mix ``batch["image"]`` in place and return the batch with the target entries added."""
         images, labels = batch["image"], batch["label"]
         lam, box = self.draw(epoch, batch_number, images.shape)
@@ -101,7 +102,7 @@ def create_mixer(cfg: MixupConfig, num_classes: int, seed: int, rank: int) -> Ba
     return BatchMixer(cfg, num_classes, seed, rank) if cfg.enabled else None
 
 
-def mixed_target_args(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def mixed_target_args(batch: Batch) -> dict[str, torch.Tensor]:
     """``lam``, ``partner`` and ``smoothing`` of a mixed batch: the keyword arguments with which
     ``skd_kernels.pskd_loss`` and ``mixup_cross_entropy`` build its target in the kernel
     (without reading ``target``); empty for a batch that was not mixed."""
@@ -111,7 +112,7 @@ def mixed_target_args(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             "smoothing": batch["mix_smoothing"]}
 
 
-def batch_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def batch_cross_entropy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """The head loss of the methods that accept mixed batches: cross-entropy against the label,
     or against the soft target of a mixed batch (the DeiT/Swin recipe: label smoothing inside the
     mixed target), through the fused kernel."""
@@ -121,7 +122,7 @@ def batch_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     return losses.mixup_cross_entropy(logits, batch["label"], **mixing)
 
 
-def mixed_onehot(batch: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
+def mixed_onehot(batch: Batch, num_classes: int) -> torch.Tensor:
     """``λ·onehot(y_i) + (1 − λ)·onehot(y_j)`` ``[B, C]`` fp32, the mixed labels *without* label
     smoothing: what mmcls's batch augments hand to the distillation losses of cls_KD, which
     smooth only inside the head loss."""

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from skd.config import flat_dict, in_sections, load_yaml
+from skd.errors import SkdError
 from skd.metrics import CalibrationBins, Predictions, calibration_bins, risk_coverage
 from skd.resume import OPERATIONAL_KEYS
 
@@ -47,7 +48,7 @@ METRIC_KEYS = ("top1", "top5", "nll", "ece", "aurc", "eaurc")
 RUN_FILES = ("config.yaml", "metrics.json", "history.jsonl", "predictions.npz")
 
 
-class ReportError(ValueError):
+class ReportError(SkdError, ValueError):
     """A run directory that cannot be reported (missing or damaged file), or bad arguments."""
 
 

@@ -32,11 +32,13 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from skd.batch import Batch
 from skd.checkpoint import (CHECKPOINT_FORMAT, CheckpointWriteError, best_checkpoint, checkpoint_path,
                             keep_as_best, latest_checkpoint, load_checkpoint, load_parts, rng_state,
                             save_checkpoint, save_part, set_rng_state)
 from skd.config import ConfigError, TrainConfig, config_to_dict, flat_dict, load_config, save_config
 from skd.config_docs import format_config_keys
+from skd.errors import SkdError
 from skd.data import CorruptDataError, DatasetInfo, ShardFormatError, resolve_shard_dir
 from skd.data.epoch_plan import derive_seed
 from skd.data.factory import create_data_loader
@@ -50,8 +52,10 @@ from skd.report import log_reliability_diagram
 from skd.resume import check_output_dir, check_resume_config, select_checkpoint
 from skd.teacher import load_state_dict_file
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(SkdError, RuntimeError):
     """The loss or the weights became NaN or infinite; nothing after the last good step is saved."""
+
+    exit_status = 1
 
 
 class StopRequested(Exception):
@@ -238,7 +242,7 @@ class Trainer:
         stats["corrupt_samples"] = self._sum_over_ranks(self._corrupt_in_epoch())
         return stats
 
-    def _micro_step(self, batch: dict[str, torch.Tensor], window: int, sync: bool) -> dict[str, torch.Tensor]:
+    def _micro_step(self, batch: Batch, window: int, sync: bool) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch; the optimizer steps on the window's last."""
         acc = self.accelerator
         with contextlib.nullcontext() if sync else acc.no_sync(self.method):
@@ -445,7 +449,7 @@ class Trainer:
         print(f"run directory: {self.run_dir}")
 
     # --------------------------------------------------------------------------------- helpers
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         out = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
         if self.cfg.model.channels_last:
             for key in self.unwrapped.image_keys:

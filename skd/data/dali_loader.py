@@ -42,6 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from skd.batch import Batch
 from skd.data.loader import ShardLoader, create_loader
 
 _log = logging.getLogger("skd.data")
@@ -415,7 +416,7 @@ class DaliLoader:
         self._encoded.load_state_dict(state)
         self._state = None
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         if self._runner is None:
             self._runner = _Runner(self.spec)
         runner, owner = self._runner, object()
@@ -443,14 +444,14 @@ class DaliLoader:
             return None
         return batch, self._encoded.state_dict(), self._encoded.num_corrupt
 
-    def _submit(self, batch: dict[str, Any], owner: object) -> None:
+    def _submit(self, batch: Batch, owner: object) -> None:
         encoded, params = _split(batch["image"])
         if "partner" in batch:  # partners ride in the same DALI batch, after the anchors
             more, more_params = _split(batch["partner"])
             encoded, params = encoded + more, np.concatenate([params, more_params])
         self._runner.submit(encoded, params, owner)
 
-    def _assemble(self, batch: dict[str, Any], images: torch.Tensor, ok: np.ndarray) -> dict[str, torch.Tensor]:
+    def _assemble(self, batch: Batch, images: torch.Tensor, ok: np.ndarray) -> dict[str, torch.Tensor]:
         """The output batch; samples whose image (or partner) DALI could not decode are dropped.
         ``images`` holds the decoded samples only: anchors first, then partners."""
         n = len(batch["label"])

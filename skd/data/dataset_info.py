@@ -15,11 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from skd.errors import DataError
+
 DATASET_FILE = "dataset.json"
 FORMAT = "skd-shards-1"
 
 
-class DatasetInfoError(ValueError):
+class DatasetInfoError(DataError):
     """``dataset.json`` is missing or malformed; the message names the file and the key."""
 
 

@@ -28,17 +28,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from skd.batch import Batch
 from skd.data.dataset_info import DatasetInfo
 from skd.data.epoch_plan import AUGMENT, PARTNER, WORKERS, EpochPlan, derive_seed, plan_epoch
 from skd.data.partners import PartnerSampler
 from skd.data.sample_index import SampleIndex, ShardFormatError, check_not_truncated
+from skd.errors import DataError
 
 _log = logging.getLogger("skd.data")
 
 _PARTNER_TRIES = 10
 
 
-class CorruptDataError(ValueError):
+class CorruptDataError(DataError):
     """More samples failed to decode than ``data.max_corrupt_fraction`` allows."""
 
 
@@ -86,7 +88,7 @@ class _ShardSource:
                                                         PARTNER))
                 ids, labels, images, partners, partner_ids, lost = self._partners(ids, labels, images, gen)
                 corrupt += lost
-            batch: dict[str, Any] = {
+            batch: Batch = {
                 "image": self._collate(images),
                 "label": torch.tensor(labels, dtype=torch.int64),
                 "index": torch.tensor(ids, dtype=torch.int64),
@@ -269,7 +271,7 @@ class ShardLoader:
         _log.info("loader: epoch %d continues at sample position %d of %d with %d processes x %d (was %d x %d)",
                   epoch, self._start, self.info.num_samples, self.world_size, self.batch_size, *layout)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         start = self._position if self._resume else 0
         self._resume, self._position = False, start
         plan = self.plan()

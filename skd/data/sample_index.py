@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from skd.data.dataset_info import DatasetInfo
+from skd.errors import DataError
 
 INDEX_FILE = "samples.npz"
 EXT_NAMES = ("jpg", "png", "webp")
@@ -47,7 +48,7 @@ _META = re.compile(r"__[^/]*__($|/)")
 _MAX_JSON = 1 << 20
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(DataError):
     """A shard does not hold what ``dataset.json`` or the sample format promises."""
 
 

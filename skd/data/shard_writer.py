@@ -27,6 +27,7 @@ import numpy as np
 
 from skd.data.dataset_info import DATASET_FILE, DatasetInfo, ShardInfo
 from skd.data.sample_index import IMAGE_EXTS, INDEX_FIELDS, INDEX_FILE, write_index
+from skd.errors import DataError
 
 IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 """Files with these extensions (any case) are images; other files in class folders are ignored."""
@@ -42,7 +43,7 @@ phone photos with a gain map) "MPO": it is a JPEG, its first picture the image e
 _TYPECODES = {"int32": "i", "int64": "q", "uint8": "B"}
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(DataError):
     """The input folder does not have the ImageFolder layout; the message says what is wrong."""
 
 

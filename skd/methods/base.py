@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from skd.batch import Batch
+
 
 @dataclass
 class MethodConfig:
@@ -62,7 +64,7 @@ class Method(nn.Module):
         """Why this method and config cannot train on mixed batches, or None if they can."""
         return None if cls.supports_mixup else "its official code trains without Mixup/CutMix"
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Return ``{"loss": scalar, "logits": [B, C]}``, optionally ``"parts"``: a dict of
         scalar loss terms to log, and any private tensors ``after_step`` needs.
         """
@@ -72,7 +74,7 @@ class Method(nn.Module):
         """Called before the first step of every epoch (0-indexed), also on resume."""
 
     @torch.no_grad()
-    def after_step(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    def after_step(self, batch: Batch, out: dict[str, torch.Tensor]) -> None:
         """Called after every batch (each micro-batch under accumulation) with its forward output."""
 
     def epoch_stats(self) -> dict[str, float]:

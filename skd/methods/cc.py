@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.features import Features
 from skd.methods.base import DataSpec
@@ -38,6 +39,6 @@ class CC(FeatureKD):
         self.embed_s = nn.Linear(self.student_dim, cfg.feat_dim)
         self.embed_t = nn.Linear(self.teacher_dim, cfg.feat_dim)
 
-    def feature_loss(self, student: Features, teacher: Features, batch: dict[str, torch.Tensor],
+    def feature_loss(self, student: Features, teacher: Features, batch: Batch,
                      out: dict[str, torch.Tensor]) -> torch.Tensor:
         return losses.cc_loss(self.embed_s(student.embedding), self.embed_t(teacher.embedding))

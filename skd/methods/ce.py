@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded, one_of
 from skd.methods.base import Method, MethodConfig
 from skd.methods.registry import register_method
@@ -27,7 +28,7 @@ class CrossEntropy(Method):
     class Config(MethodConfig):
         name: str = "ce"
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         logits = self.model(batch["image"])
         return {"loss": batch_cross_entropy(logits, batch), "logits": logits}
 
@@ -48,7 +49,7 @@ class LabelSmoothing(Method):
     def mixup_refusal(cls, cfg: MethodConfig) -> str | None:
         return "label smoothing of mixed targets is mixup.label_smoothing with method.name=ce"
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         logits = self.model(batch["image"])
         loss = losses.cross_entropy(logits, batch["label"], smoothing=self.cfg.smoothing,
                                     smoothing_mode=self.cfg.mode)

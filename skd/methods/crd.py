@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.features import Features
 from skd.memory import SoftTargetMemory
@@ -95,7 +96,7 @@ class CRD(FeatureKD):
             self._normalizer_known = True
         return self.normalizer
 
-    def feature_loss(self, student: Features, teacher: Features, batch: dict[str, torch.Tensor],
+    def feature_loss(self, student: Features, teacher: Features, batch: Batch,
                      out: dict[str, torch.Tensor]) -> torch.Tensor:
         v_s = F.normalize(self.embed_s(student.embedding).float(), dim=1)
         v_t = F.normalize(self.embed_t(teacher.embedding).float(), dim=1)
@@ -110,7 +111,7 @@ class CRD(FeatureKD):
         return losses.crd_nce_loss(scores_s, z[0], n) + losses.crd_nce_loss(scores_t, z[1], n)
 
     @torch.no_grad()
-    def after_step(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    def after_step(self, batch: Batch, out: dict[str, torch.Tensor]) -> None:
         index, m = batch["index"], self.cfg.nce_m
         for memory, v in ((self.memory_s, out["crd_embed_s"]), (self.memory_t, out["crd_embed_t"])):
             rows = m * memory.to_device(v.device)[index] + (1 - m) * v

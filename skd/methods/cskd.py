@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.methods.base import Method, MethodConfig
 from skd.methods.registry import register_method
@@ -46,7 +47,7 @@ class CSKD(Method):
     def train_loader_options(cls, cfg: Config) -> dict[str, Any]:
         return {"with_partner": True, "exclude_self_pair": cfg.exclude_self_pair}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         images, partners, labels = batch["image"], batch["partner"], batch["label"]
         if self.cfg.single_forward:
             both = self.model(torch.cat([images, partners]))

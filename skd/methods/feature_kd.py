@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.features import (FeatureTap, Features, default_input_size, forward_with_maps,
                           num_feature_maps, probe_features)
@@ -76,7 +77,7 @@ class FeatureKD(TeacherMethod):
         """The maps this method compares, the same taps on both nets (none by default)."""
         return []
 
-    def feature_loss(self, student: Features, teacher: Features, batch: dict[str, torch.Tensor],
+    def feature_loss(self, student: Features, teacher: Features, batch: Batch,
                      out: dict[str, torch.Tensor]) -> torch.Tensor:
         """The unweighted ``L_method``. ``out`` is the forward output being built: a method may
         put tensors there that its ``after_step`` needs."""
@@ -95,7 +96,7 @@ class FeatureKD(TeacherMethod):
         cfg = self.cfg
         return hard_and_kd_parts(logits, labels, teacher_logits, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         student, teacher = self.features(batch["image"])
         out: dict[str, torch.Tensor] = {"logits": student.logits}
         parts = self.logit_parts(student.logits, batch["label"], teacher.logits)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.features import FeatureTap, Features
 from skd.methods.base import DataSpec
@@ -62,6 +63,6 @@ class FitNet(FeatureKD):
     def feature_taps(self) -> list[FeatureTap]:
         return [self.cfg.hint_layer]
 
-    def feature_loss(self, student: Features, teacher: Features, batch: dict[str, torch.Tensor],
+    def feature_loss(self, student: Features, teacher: Features, batch: Batch,
                      out: dict[str, torch.Tensor]) -> torch.Tensor:
         return losses.hint_loss(self.regressor(student.maps[0]), teacher.maps[0])

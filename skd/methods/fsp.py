@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.features import FeatureTap, Features, num_feature_maps
 from skd.methods.base import DataSpec
@@ -72,11 +73,11 @@ class FSP(FeatureKD):
     def start_epoch(self, epoch: int, num_epochs: int) -> None:
         self.init_stage = epoch < self.cfg.init_epochs
 
-    def feature_loss(self, student: Features, teacher: Features, batch: dict[str, torch.Tensor],
+    def feature_loss(self, student: Features, teacher: Features, batch: Batch,
                      out: dict[str, torch.Tensor]) -> torch.Tensor:
         return losses.fsp_loss(student.maps, teacher.maps)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.init_stage:
             student, teacher = self.features(batch["image"])
             fsp = self.cfg.feat_weight * self.feature_loss(student, teacher, batch, {})

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded, one_of
 from skd.features import forward_with_last_map, last_map_channels
 from skd.methods.base import DataSpec
@@ -56,7 +57,7 @@ class ICKD(TeacherMethod):
         self.embed = make_embed(last_map_channels(model), last_map_channels(self.teacher),
                                 cfg.embed_kernel)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         images, labels = batch["image"], batch["label"]
         logits, feature = forward_with_last_map(self.model, images)

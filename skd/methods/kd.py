@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.methods.registry import register_method
 from skd.methods.teacher import TeacherConfig, TeacherMethod
@@ -33,7 +34,7 @@ class KD(TeacherMethod):
         kd_weight: float = bounded(0.9, ge=0)
         """α, weight of the T²-scaled KL term (RepDistiller ``-a``)."""
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         images = batch["image"]
         logits = self.model(images)
         teacher = self.teacher_logits(images)

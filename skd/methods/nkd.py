@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.methods.registry import register_method
 from skd.methods.teacher import TeacherConfig, TeacherMethod
@@ -32,7 +33,7 @@ class NKD(TeacherMethod):
         gamma: float = bounded(1.5, ge=0)
         """γ, weight of the non-target part (1.5 on ImageNet CNNs, 3.5 on CIFAR-100)."""
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         images, labels = batch["image"], batch["label"]
         logits = self.model(images)
         teacher = self.teacher_logits(images)

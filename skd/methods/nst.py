@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.features import FeatureTap, Features
 from skd.methods.feature_kd import FeatureKD, FeatureKDConfig, stages_after_stem
@@ -33,6 +34,6 @@ class NST(FeatureKD):
     def feature_taps(self) -> list[FeatureTap]:
         return self.cfg.features or stages_after_stem(self.model)
 
-    def feature_loss(self, student: Features, teacher: Features, batch: dict[str, torch.Tensor],
+    def feature_loss(self, student: Features, teacher: Features, batch: Batch,
                      out: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(losses.nst_loss(s, t) for s, t in zip(student.maps, teacher.maps))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.features import Features
 from skd.methods.feature_kd import FeatureKD, FeatureKDConfig
@@ -28,6 +29,6 @@ class PKT(FeatureKD):
         feat_weight: float = bounded(30000.0, ge=0)
         """β, weight of the PKT loss (RepDistiller ``-b 30000``)."""
 
-    def feature_loss(self, student: Features, teacher: Features, batch: dict[str, torch.Tensor],
+    def feature_loss(self, student: Features, teacher: Features, batch: Batch,
                      out: dict[str, torch.Tensor]) -> torch.Tensor:
         return losses.pkt_loss(student.embedding, teacher.embedding)

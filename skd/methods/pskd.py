@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 import skd_kernels
+from skd.batch import Batch
 from skd.config_checks import bounded, one_of
 from skd.memory import ReplicatedRows, ShardedRows, SoftTargetMemory
 from skd.methods.base import DataSpec, Method, MethodConfig
@@ -90,7 +91,7 @@ class PSKD(Method):
         # the epoch-0 target is exactly one-hot; α = 0 gives the same target without the write.
         self.alpha_t = 0.0 if epoch == 0 else pskd_alpha(epoch, num_epochs, self.cfg.alpha_T)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         fetched = self.memory.fetch(batch["index"])  # a sharded fetch runs during the forward
         logits = self.model(batch["image"])
         rows = fetched.wait()
@@ -110,7 +111,7 @@ class PSKD(Method):
         return {"loss": loss, "logits": logits, "memory_rows": new}
 
     @torch.no_grad()
-    def after_step(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    def after_step(self, batch: Batch, out: dict[str, torch.Tensor]) -> None:
         self.memory.write_rows(batch["index"], out["memory_rows"], capacity=self.data.batch_size)
 
     def rank_state(self) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.features import Features
 from skd.methods.feature_kd import FeatureKD, FeatureKDConfig
@@ -33,7 +34,7 @@ class RKD(FeatureKD):
         angle_weight: float = bounded(50.0, ge=0)
         """Weight of the angle term (``RKDLoss(w_a=50)``)."""
 
-    def feature_loss(self, student: Features, teacher: Features, batch: dict[str, torch.Tensor],
+    def feature_loss(self, student: Features, teacher: Features, batch: Batch,
                      out: dict[str, torch.Tensor]) -> torch.Tensor:
         return losses.rkd_loss(student.embedding, teacher.embedding, self.cfg.distance_weight,
                                self.cfg.angle_weight)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.features import FeatureTap, Features
 from skd.methods.feature_kd import FeatureKD, FeatureKDConfig
@@ -36,6 +37,6 @@ class SP(FeatureKD):
     def feature_taps(self) -> list[FeatureTap]:
         return self.cfg.features
 
-    def feature_loss(self, student: Features, teacher: Features, batch: dict[str, torch.Tensor],
+    def feature_loss(self, student: Features, teacher: Features, batch: Batch,
                      out: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(losses.sp_loss(s, t) for s, t in zip(student.maps, teacher.maps))

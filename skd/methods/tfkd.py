@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded, one_of
 from skd.methods.base import DataSpec
 from skd.methods.registry import register_method
@@ -63,7 +64,7 @@ class TFKD(TeacherMethod):
     def uses_teacher(cls, cfg: Config) -> bool:
         return cfg.mode == "self"
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         images, labels = batch["image"], batch["label"]
         logits = self.model(images)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded, one_of
 from skd.features import forward_with_pooled_feature, mid_feature_index, pooled_feature_channels
 from skd.methods.base import DataSpec, Method, MethodConfig
@@ -52,7 +53,7 @@ class USKD(Method):
         channels = pooled_feature_channels(model, self.feature_index)
         self.weak_head = nn.Linear(channels, data.num_classes)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         labels = mixed_onehot(batch, self.data.num_classes) if "mix_lam" in batch else batch["label"]
         logits, feature = forward_with_pooled_feature(self.model, batch["image"], self.feature_index)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from skd import losses
+from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.features import FeatureTap, Features
 from skd.methods.base import DataSpec
@@ -70,6 +71,6 @@ class VID(FeatureKD):
     def feature_taps(self) -> list[FeatureTap]:
         return self.cfg.features or stages_after_stem(self.model)
 
-    def feature_loss(self, student: Features, teacher: Features, batch: dict[str, torch.Tensor],
+    def feature_loss(self, student: Features, teacher: Features, batch: Batch,
                      out: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(vid(s, t) for s, t, vid in zip(student.maps, teacher.maps, self.regressors))
