@@ -17,17 +17,19 @@ The teacher is returned in eval mode with ``requires_grad=False`` on every param
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+import yaml
 from torch import nn
 
 import skd.models  # noqa: F401  registers the CIFAR architectures with timm
 from skd.convert import CHECKPOINT_FORMATS, mmcls_to_timm
 
-__all__ = ["load_teacher", "load_state_dict_file"]
+__all__ = ["load_teacher", "load_state_dict_file", "safetensors_metadata", "training_statistics"]
 
 _WRAPPER_KEYS = ("state_dict", "model", "net", "module")
 
@@ -91,3 +93,53 @@ def load_teacher(name: str, checkpoint: str | Path, num_classes: int, *,
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+# ---- how a teacher's inputs were normalised ----------------------------------------------------
+
+_SKD_DATA_KEY = "skd_data"
+"""The safetensors metadata key under which skd's exports record their input normalisation."""
+
+
+def safetensors_metadata(model: str, mean: Any, std: Any, img_size: int) -> dict[str, str]:
+    """Metadata for exported weights: the model and the normalisation and resolution of the
+    inputs it was trained on, read back by ``training_statistics``."""
+    data = {"model": model, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "img_size": int(img_size)}
+    return {_SKD_DATA_KEY: json.dumps(data)}
+
+
+def training_statistics(path: str | Path) -> dict[str, Any] | None:
+    """``{"mean", "std", "img_size"}`` the weights in ``path`` were trained with, when skd wrote
+    them: an export's safetensors metadata, a run checkpoint's config, or the ``config.yaml`` of
+    the run directory the file lies in; None for a file made elsewhere."""
+    path = Path(path)
+    data: dict[str, Any] | None = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001  an unreadable file is reported when its tensors are loaded
+            meta = {}
+        if _SKD_DATA_KEY in meta:
+            data = json.loads(meta[_SKD_DATA_KEY])
+        elif (path.parent / "config.yaml").is_file():  # an export of an skd run before the metadata
+            data = _config_data(yaml.safe_load((path.parent / "config.yaml").read_text()))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001  as above
+            state = None
+        if isinstance(state, dict) and isinstance(state.get("config"), dict) and isinstance(state.get("method"), dict):
+            data = _config_data(state["config"])
+    if not data or not all(k in data for k in ("mean", "std", "img_size")):
+        return None
+    return {"mean": tuple(float(v) for v in data["mean"]), "std": tuple(float(v) for v in data["std"]),
+            "img_size": int(data["img_size"])}
+
+
+def _config_data(config: Any) -> dict[str, Any] | None:
+    """The ``data`` section of an skd config mapping, or None for anything else."""
+    data = config.get("data") if isinstance(config, dict) else None
+    return data if isinstance(data, dict) else None

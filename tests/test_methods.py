@@ -223,7 +223,9 @@ def test_teacher_is_frozen_and_outside_optimizer_and_checkpoint(cifar_teacher, n
     method = create_method(cfg, timm.create_model("resnet20_cifar", num_classes=10), DATA)
     method.train()
     teacher = method.teacher
-    assert method.frozen_modules() == [teacher]
+    assert teacher in method.frozen_modules()
+    # Outside the module tree: no DDP wrapper, optimizer or checkpoint sees it.
+    assert not any(m is teacher for m in method.modules())
     assert method.model.training and not teacher.training
     assert not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -311,3 +313,78 @@ def test_every_method_config_has_defaults():
     assert cskd.train_loader_options(cskd.Config(exclude_self_pair=True))["exclude_self_pair"]
     assert not any(get_method_class(n).train_loader_options(get_method_class(n).Config())
                    for n in list_methods() if n != "cskd")
+
+
+# ------------------------------------------------------------------ a teacher's own normalisation
+
+def _teacher_with(tmp_path, name, metadata=None):
+    teacher = timm.create_model(name, num_classes=10)
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path), metadata=metadata)
+    return path
+
+
+def _inputs_seen_by_teacher(method, images):
+    seen = []  # the input of the teacher's first convolution: every method's entry point reaches it
+    stem = next(m for m in method.teacher.modules() if isinstance(m, torch.nn.Conv2d))
+    handle = stem.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        method({"image": images, "label": torch.zeros(len(images), dtype=torch.long)})
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+STUDENT_DATA = DataSpec(num_classes=10, num_samples=100, batch_size=8, mean=(0.485, 0.456, 0.406),
+                        std=(0.229, 0.224, 0.225), img_size=32)
+
+
+def test_a_teacher_with_other_statistics_gets_exactly_its_own_normalisation(tmp_path):
+    """A teacher trained on inputs normalised with 0.5/0.5 (ViT/CLIP style) sees the student's
+    ImageNet-normalised batch as (x·σs + μs − 0.5) / 0.5: the same pixels, its own scaling."""
+    from skd.teacher import safetensors_metadata
+
+    path = _teacher_with(tmp_path, "resnet8_cifar", safetensors_metadata("resnet8_cifar", (0.5,) * 3, (0.5,) * 3, 32))
+    cfg = get_method_config_class("kd")(name="kd", teacher="resnet8_cifar", teacher_checkpoint=str(path))
+    method = create_method(cfg, timm.create_model("resnet8_cifar", num_classes=10), STUDENT_DATA)
+    pixels = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    mean, std = torch.tensor(STUDENT_DATA.mean).view(1, 3, 1, 1), torch.tensor(STUDENT_DATA.std).view(1, 3, 1, 1)
+    images = ((pixels - mean) / std).float()
+    torch.testing.assert_close(_inputs_seen_by_teacher(method, images), ((pixels - 0.5) / 0.5).float(),
+                               rtol=0, atol=1e-6)
+    assert "renormalised" in method.notes()[0] and str(path) in method.notes()[0]
+    # method.teacher_mean/std take precedence over what the file records.
+    cfg = get_method_config_class("kd")(name="kd", teacher="resnet8_cifar", teacher_checkpoint=str(path),
+                                        teacher_mean=list(STUDENT_DATA.mean), teacher_std=list(STUDENT_DATA.std))
+    method = create_method(cfg, timm.create_model("resnet8_cifar", num_classes=10), STUDENT_DATA)
+    assert _inputs_seen_by_teacher(method, images) is images
+
+
+def test_a_teacher_with_the_students_statistics_gets_the_batch_itself(tmp_path):
+    """The seeds' teachers (trained with the student's normalisation): identity, the very
+    tensor, so their results are unchanged; a file without skd's record falls back to timm's
+    pretrained_cfg (skd's CIFAR nets: the CIFAR-100 statistics, RepDistiller's)."""
+    from skd.models._cifar import CIFAR100_MEAN, CIFAR100_STD
+
+    path = _teacher_with(tmp_path, "resnet8_cifar")
+    data = DataSpec(10, 100, 8, mean=CIFAR100_MEAN, std=CIFAR100_STD, img_size=32)
+    for name in ("kd", "nkd", "ickd"):
+        cfg = get_method_config_class(name)(name=name, teacher="resnet8_cifar", teacher_checkpoint=str(path))
+        method = create_method(cfg, timm.create_model("resnet8_cifar", num_classes=10), data)
+        images = torch.randn(2, 3, 32, 32)
+        assert _inputs_seen_by_teacher(method, images) is images, name
+        assert "are the same" in method.notes()[0]
+
+
+def test_a_teacher_at_another_resolution_gets_resized_inputs(tmp_path):
+    from skd.teacher import safetensors_metadata
+
+    path = _teacher_with(tmp_path, "resnet8_cifar", safetensors_metadata("resnet8_cifar", STUDENT_DATA.mean,
+                                                                           STUDENT_DATA.std, 48))
+    cfg = get_method_config_class("kd")(name="kd", teacher="resnet8_cifar", teacher_checkpoint=str(path))
+    method = create_method(cfg, timm.create_model("resnet8_cifar", num_classes=10), STUDENT_DATA)
+    images = torch.randn(2, 3, 32, 32)
+    seen = _inputs_seen_by_teacher(method, images)
+    expected = torch.nn.functional.interpolate(images, size=(48, 48), mode="bilinear", antialias=True)
+    torch.testing.assert_close(seen, expected)
+    assert "resized from 32 to 48 px" in method.notes()[0]

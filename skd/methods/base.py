@@ -4,8 +4,9 @@ A method is an ``nn.Module`` (timm ``task`` style) that owns the student model a
 trainable modules (USKD's weak head, ICKD's embed), holds its state (PS-KD's memory) in its
 ``state_dict``, and computes the loss from a batch. The training loop only calls ``forward``,
 ``start_epoch`` and ``after_step`` (and, around checkpoints, ``rank_state`` and
-``load_rank_states`` for state too large to gather), and wraps the whole method for DDP (a frozen
-teacher has no trainable parameters, so DDP reduces no gradients for it).
+``load_rank_states`` for state too large to gather), and wraps the method for DDP. Frozen modules
+(a teacher) are held outside the method's module tree (``add_frozen``), as timm keeps its
+distillation teacher outside DDP: they are in no optimizer, checkpoint or DDP synchronisation.
 """
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ class DataSpec:
     num_samples: int
     batch_size: int
     """Per-process training batch size."""
+    mean: tuple[float, ...] | None = None
+    """Per-channel mean the images were normalised with (``data.mean``); None: unknown (a
+    teacher then gets the images as they are)."""
+    std: tuple[float, ...] | None = None
+    """Per-channel standard deviation the images were normalised with (``data.std``)."""
+    img_size: int | None = None
+    """Training image resolution (``data.img_size``); None: unknown (never resized)."""
 
 
 class Method(nn.Module):
@@ -52,6 +60,7 @@ class Method(nn.Module):
         self.model = model
         self.cfg = cfg
         self.data = data
+        self._frozen: dict[str, nn.Module] = {}  # a plain dict: not submodules
 
     @classmethod
     def train_loader_options(cls, cfg: MethodConfig) -> dict[str, Any]:
@@ -77,6 +86,10 @@ class Method(nn.Module):
     def after_step(self, batch: Batch, out: dict[str, torch.Tensor]) -> None:
         """Called after every batch (each micro-batch under accumulation) with its forward output."""
 
+    def notes(self) -> list[str]:
+        """Lines worth showing when training starts (e.g. how a teacher's inputs are prepared)."""
+        return []
+
     def epoch_stats(self) -> dict[str, float]:
         """Per-epoch values worth logging (e.g. PS-KD's α_t)."""
         return {}
@@ -94,26 +107,31 @@ class Method(nn.Module):
             raise ValueError(f"method '{self.cfg.name}' keeps no per-rank state, but the checkpoint "
                              f"holds per-rank parts {sorted(next(p for p in parts if p))[:5]}")
 
-    def train(self, mode: bool = True) -> Method:
-        super().train(mode)
-        for module in self.frozen_modules():
-            module.eval()
-        return self
+    def add_frozen(self, name: str, module: nn.Module) -> nn.Module:
+        """Hold ``module`` frozen (eval mode, no gradients) outside the module tree: it is not in
+        ``parameters()``, ``state_dict()`` or the DDP wrapper (whose buffer broadcast and gradient
+        reduction would be wasted on it), yet ``to()`` and ``cuda()`` move it with the method."""
+        module.eval()
+        module.requires_grad_(False)
+        self._frozen[name] = module
+        return module
 
     def frozen_modules(self) -> list[nn.Module]:
-        """Modules that stay in eval mode and out of checkpoints (a teacher)."""
-        return []
+        """The modules held by ``add_frozen`` (a teacher and what feeds it)."""
+        return list(self._frozen.values())
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Method:
+        super()._apply(fn, recurse)
+        for module in self._frozen.values():
+            module._apply(fn, recurse)
+        return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """``state_dict`` without frozen modules: what a checkpoint must hold."""
-        frozen = [name for name, m in self.named_children() if m in self.frozen_modules()]
-        return {k: v for k, v in self.state_dict().items()
-                if not any(k.startswith(f + ".") for f in frozen)}
+        """What a checkpoint must hold: the whole ``state_dict`` (frozen modules are not in it)."""
+        return self.state_dict()
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing, unexpected = self.load_state_dict(state, strict=False)
-        frozen = [name for name, m in self.named_children() if m in self.frozen_modules()]
-        missing = [k for k in missing if not any(k.startswith(f + ".") for f in frozen)]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match method '{self.cfg.name}': "
                                f"missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -64,9 +64,9 @@ class FeatureKD(TeacherMethod):
         super().__init__(model, cfg, data)
         self.taps = list(self.feature_taps())
         # A bad tap fails here, before training, naming the index or module.
-        size = default_input_size(model)
-        student = probe_features(model, self.taps, self.with_embedding, size)
-        teacher = probe_features(self.teacher, self.taps, self.with_embedding, size)
+        student_size, teacher_size = self.probe_sizes(default_input_size(model))
+        student = probe_features(model, self.taps, self.with_embedding, student_size)
+        teacher = probe_features(self.teacher, self.taps, self.with_embedding, teacher_size)
         # (C, H, W) of each map, and the embedding widths (0 when the method does not use them).
         self.student_shapes = [tuple(m.shape[1:]) for m in student.maps]
         self.teacher_shapes = [tuple(m.shape[1:]) for m in teacher.maps]
@@ -87,7 +87,8 @@ class FeatureKD(TeacherMethod):
         """Student features (with gradients) and teacher features (without)."""
         student = forward_with_maps(self.model, images, self.taps, self.with_embedding)
         with torch.no_grad():
-            teacher = forward_with_maps(self.teacher, images, self.taps, self.with_embedding)
+            teacher = forward_with_maps(self.teacher, self.teacher_images(images), self.taps,
+                                        self.with_embedding)
         return student, teacher
 
     def logit_parts(self, logits: torch.Tensor, labels: torch.Tensor,

@@ -62,7 +62,7 @@ class ICKD(TeacherMethod):
         images, labels = batch["image"], batch["label"]
         logits, feature = forward_with_last_map(self.model, images)
         with torch.no_grad():
-            teacher_logits, teacher_feature = forward_with_last_map(self.teacher, images)
+            teacher_logits, teacher_feature = forward_with_last_map(self.teacher, self.teacher_images(images))
         parts = hard_and_kd_parts(logits, labels, teacher_logits, cfg.ce_weight, cfg.kd_weight, cfg.temperature)
         parts["ickd"] = cfg.ickd_weight * losses.ickd_loss(self.embed(feature), teacher_feature, cfg.norm)
         return {"loss": sum(parts.values()), "logits": logits, "parts": parts}
