@@ -27,6 +27,9 @@ from skd.errors import SkdError
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
+"""The best epoch's checkpoint (by ``best_metric``), kept beside the pruned ones."""
+LAST_GOOD_NAME = "last_good.pt"
+"""The newest checkpoint written while the training loss stayed within its divergence bound."""
 CHECKPOINT_FORMAT = "skd-checkpoint-2"
 """The ``format`` of the checkpoints this version writes (it reads ``skd-checkpoint-1`` too)."""
 FORMATS = ("skd-checkpoint-1", CHECKPOINT_FORMAT)
@@ -165,14 +168,15 @@ def read_run_id(path: str | Path) -> str | None:
     return state.get("run_id") if isinstance(state, dict) else None
 
 
-def keep_as_best(path: str | Path) -> Path:
-    """Make the checkpoint ``path`` the run's ``checkpoints/best.pt`` (a hard link, else a copy;
-    swapped in atomically). Pruning of ``path`` later leaves ``best.pt`` in place."""
+def keep_as(path: str | Path, name: str) -> Path:
+    """Make the checkpoint ``path`` also the run's ``checkpoints/<name>`` (``best.pt``,
+    ``last_good.pt``): a hard link, else a copy, swapped in atomically, with its per-rank parts.
+    Pruning of ``path`` later leaves ``<name>`` in place."""
     path = Path(path)
-    best = path.parent / BEST_NAME
-    parts = [(p, best.with_name(BEST_NAME + p.name[len(path.name):]))
+    best = path.parent / name
+    parts = [(p, best.with_name(name + p.name[len(path.name):]))
              for p in sorted(path.parent.glob(path.name + ".rank-*"))]
-    stale = [old for old in best.parent.glob(BEST_NAME + ".rank-*") if old not in {t for _, t in parts}]
+    stale = [old for old in best.parent.glob(name + ".rank-*") if old not in {t for _, t in parts}]
     for source, target in parts + [(path, best)]:  # the main file last, as when saving
         tmp = target.with_name(target.name + ".tmp")
         tmp.unlink(missing_ok=True)

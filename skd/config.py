@@ -255,6 +255,10 @@ class TrainConfig:
     """``auto`` (bf16 on GPU, fp32 on CPU), ``no``, ``bf16`` or ``fp16``."""
     grad_accum_steps: int = bounded(1, ge=1)
     """Micro-batches per optimizer step."""
+    max_steps: int = bounded(0, ge=0)
+    """Stop after this many optimizer steps in all, then evaluate and write the run's files as at
+    the end of a run (0: no limit). For a quick try of a preset; the lr and method schedules still
+    follow ``epochs``."""
     checkpoint_every: int = bounded(0, ge=0)
     """Also checkpoint every N optimizer steps (0: only at epoch ends)."""
     keep_checkpoints: int = bounded(2, ge=0)
@@ -265,6 +269,15 @@ class TrainConfig:
     """accelerate trackers: ``tensorboard``, ``wandb``; empty for none."""
     deterministic: bool = False
     """torch deterministic algorithms, cuDNN benchmark off."""
+    dist_bn: str = one_of("reduce", ("reduce", "broadcast", "none"))
+    """With several processes, make BatchNorm running statistics (the model's, the method's extra
+    modules' and the EMA's) equal on every process before each evaluation and checkpoint, as
+    timm's ``--dist-bn``: ``reduce`` averages them, ``broadcast`` takes process 0's; ``none``
+    leaves each process its own (the evaluation then mixes statistics of different processes)."""
+    divergence_factor: float = bounded(3.0, ge=0)
+    """A logged training loss above this many times the run's first logged loss counts as
+    diverged: ``checkpoints/last_good.pt`` stays on the newest checkpoint written before it, and a
+    run stopped by a NaN names that checkpoint. 0 turns the bound off."""
     best_metric: str = one_of("top1", ("top1", "top5", "nll", "ece", "aurc", "eaurc"))
     """Validation metric that picks the best epoch (``top1``/``top5``: highest; the others: lowest);
     its checkpoint is kept as ``checkpoints/best.pt`` and its weights as ``model_best.safetensors``."""

@@ -87,18 +87,36 @@ def evaluate(model: nn.Module, loader: Any, accelerator: Accelerator, channels_l
     return predict(model, loader, accelerator, channels_last, max_corrupt_fraction).metrics()
 
 
+_COLUMNS = (("Top-1 Err", 10, 2), ("Top-5 Err", 10, 2), ("NLL", 9, 3), ("ECE", 8, 2), ("AURC", 9, 2),
+            ("E-AURC", 9, 2))
+"""Header, width and decimals of each column of ``format_table``."""
+
+
 def format_table(metrics: dict[str, Any], title: str = "") -> str:
     """The PS-KD README layout: top-1 err, top-5 err, NLL, ECE (%), AURC, E-AURC (×1000); a row
-    for the model (the last epoch), its EMA and the best epoch when ``metrics`` has them."""
-    head = (f"{'':<14}{'Top-1 Err':>10}{'Top-5 Err':>10}{'NLL':>9}{'ECE':>8}{'AURC':>9}{'E-AURC':>9}")
+    for the model (the last epoch), its EMA and the best epoch when ``metrics`` has them. Columns
+    stay aligned for any value: one too wide for its column (a diverged run's NLL of 2.3e11) is
+    written in scientific notation."""
+    head = f"{'':<14}" + "".join(f"{name:>{width}}" for name, width, _ in _COLUMNS)
     lines = [title, head] if title else [head]
     rows = [("model", metrics)] + ([("ema", metrics["ema"])] if "ema" in metrics else [])
     if "best" in metrics:
         rows.append((f"best (ep {metrics['best']['epoch']})", metrics["best"]))
     for name, m in rows:
-        lines.append(f"{name:<14}{100 - m['top1']:>10.2f}{100 - m['top5']:>10.2f} {m['nll']:>8.3f}"
-                     f" {m['ece']:>7.2f} {m['aurc']:>8.2f} {m['eaurc']:>8.2f}")
+        values = (100 - m["top1"], 100 - m["top5"], m["nll"], m["ece"], m["aurc"], m["eaurc"])
+        lines.append(f"{name:<14}" + "".join(_cell(v, width, decimals) for v, (_, width, decimals)
+                                              in zip(values, _COLUMNS)))
     return "\n".join(lines)
+
+
+def _cell(value: float, width: int, decimals: int) -> str:
+    """``value`` right-aligned in ``width`` characters with a space before it."""
+    text = f"{value:.{decimals}f}"
+    digits = width
+    while len(text) >= width and digits > 0:  # scientific, with as many digits as fit
+        digits -= 1
+        text = f"{value:.{digits}e}"
+    return f"{text:>{width}}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ _log = logging.getLogger("skd.resume")
 
 OPERATIONAL_KEYS = ("output_dir", "resume", "resume_allow_changes", "log_every", "log_with",
                     "checkpoint_every", "keep_checkpoints", "data.eval_batch_size", "data.num_workers",
-                    "data.shuffle_buffer", "save_probs", "reference")
+                    "data.shuffle_buffer", "save_probs", "reference", "divergence_factor")
 """Config keys that never have to match the checkpoint: where and how often a run reports, and
 how the loader reads (a mid-epoch change of the shuffle window applies from the next epoch)."""
 

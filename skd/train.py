@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -28,29 +29,27 @@ import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import save_file
-from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
+from timm.utils import distribute_bn
 from tqdm import tqdm
 
 from skd.batch import Batch
-from skd.checkpoint import (CHECKPOINT_FORMAT, CheckpointWriteError, best_checkpoint, checkpoint_path,
-                            keep_as_best, latest_checkpoint, load_checkpoint, load_parts, rng_state,
+from skd.checkpoint import (BEST_NAME, CHECKPOINT_FORMAT, LAST_GOOD_NAME, CheckpointWriteError, best_checkpoint,
+                            checkpoint_path, keep_as, latest_checkpoint, load_checkpoint, load_parts, rng_state,
                             save_checkpoint, save_part, set_rng_state)
 from skd.config import ConfigError, TrainConfig, config_to_dict, flat_dict, load_config, save_config
 from skd.config_docs import format_config_keys
-from skd.errors import SkdError
 from skd.data import CorruptDataError, DatasetInfo, ShardFormatError, resolve_shard_dir
 from skd.data.epoch_plan import derive_seed
 from skd.data.factory import create_data_loader
+from skd.errors import SkdError, one_line
 from skd.evaluate import evaluate, format_table, predict
 from skd.metrics import Predictions
-from skd.methods import DataSpec, create_method, get_method_class
+from skd.methods import DataSpec, get_method_class
 from skd.mixup import create_mixer
-from skd.models.factory import create_model
-from skd.optim import create_optimizer, scheduler_kwargs
 from skd.report import log_reliability_diagram
 from skd.resume import check_output_dir, check_resume_config, select_checkpoint
-from skd.teacher import load_state_dict_file
+from skd.teacher import load_state_dict_file, safetensors_metadata
+from skd.train_step import LossMeter, build_training, train_step
 
 class NonFiniteLoss(SkdError, RuntimeError):
     """The loss or the weights became NaN or infinite; nothing after the last good step is saved."""
@@ -66,11 +65,19 @@ class StopRequested(Exception):
         self.signum = signum
 
 
+class RankFailed(RuntimeError):
+    """Another process failed in a step that every process takes together; its own error (with
+    its traceback) is reported by that process."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         cpu = not torch.cuda.is_available()
         precision = ("no" if cpu else "bf16") if cfg.precision == "auto" else cfg.precision
+        if cpu and precision == "fp16":  # accelerate would silently train in fp32
+            raise ConfigError("config key 'precision' = 'fp16': float16 mixed precision needs a CUDA GPU, and "
+                              "this process sees none; use precision=bf16 (bfloat16 autocast on the CPU) or no")
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if launcher not in ("no", precision):  # skd's `precision` key is the one source
             raise ConfigError(f"accelerate launch asks for mixed precision {launcher!r} but the config's "
@@ -91,17 +98,26 @@ class Trainer:
         set_seed(cfg.seed)  # same initial weights on every rank
 
         info = self._build_loaders()
-        self._build_method(info)
+        # Accumulation windows never cross an epoch end: the epoch's last window may be shorter.
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum_steps)
+        data = DataSpec(info.num_classes, info.num_samples, self.batch_size, mean=tuple(cfg.data.mean),
+                        std=tuple(cfg.data.std), img_size=cfg.data.img_size)
+        self.parts = parts = build_training(cfg, acc, data, self.steps_per_epoch)
+        self.method, self.unwrapped, self.optimizer = parts.method, parts.unwrapped, parts.optimizer
+        self.scheduler, self.ema = parts.scheduler, parts.ema
+        self._notes += self.unwrapped.notes()
         self.mixer = create_mixer(cfg.mixup, info.num_classes, cfg.seed, acc.process_index)
-        self.unwrapped = acc.unwrap_model(self.method)
         self.epoch, self.step = 0, 0
         self.best: dict[str, Any] | None = None  # {"epoch", "metrics"} of the best epoch so far
         self.predictions: Predictions | None = None  # the model's, from the latest evaluation
+        self.loss_watch = _LossWatch(cfg.divergence_factor)
+        self.epoch_meter = LossMeter()  # the epoch's loss sums (kept by mid-epoch checkpoints)
         self._resume_path = resume_path
         self._stop_signal: int | None = None
-        self._consensus = _StepConsensus(acc.device)
         self._on_all_ranks_or_none(self._write_config, main_only=True)
         if acc.is_main_process:
+            for note in self._notes:
+                tqdm.write(note)
             tqdm.write(f"{cfg.method.name} / {cfg.model.name}: {info.num_samples} training samples, "
                        f"{info.num_classes} classes; {_plural(acc.num_processes, 'process', 'es')}, "
                        f"{_plural(self.batch_size, 'image')} per process per micro-batch, "
@@ -114,21 +130,17 @@ class Trainer:
     def _start(self, state: PartialState) -> tuple[Path | None, str]:
         """Check the run directory and pick the checkpoint to resume on the main process (nothing
         is written yet), and give every rank the same answer: the path and the run id."""
-        answer: list[Any] = [None, None, None]
-        if state.is_main_process:
-            try:
-                check_output_dir(self.run_dir)
-                path, ckpt = select_checkpoint(self.run_dir, self.cfg.resume)
-                if ckpt is not None:
-                    check_resume_config(ckpt, self.cfg)
-                self._resume_state = ckpt
-                run_id = (ckpt or {}).get("run_id") or uuid.uuid4().hex[:12]
-                answer = [str(path) if path else None, run_id, None]
-            except Exception as e:  # noqa: BLE001  every rank must learn of it, or they would wait
-                answer = [None, None, str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"]
-        path, run_id, error = broadcast_object_list(answer)
-        if error:
-            raise ConfigError(error)
+        answer: dict[str, Any] = {}
+
+        def decide() -> None:
+            check_output_dir(self.run_dir)
+            path, ckpt = select_checkpoint(self.run_dir, self.cfg.resume)
+            if ckpt is not None:
+                check_resume_config(ckpt, self.cfg)
+            self._resume_state = ckpt
+            answer.update(path=str(path) if path else None, run_id=(ckpt or {}).get("run_id") or uuid.uuid4().hex[:12])
+        self._on_all_ranks_or_none(decide, main_only=True, error=ConfigError)
+        path, run_id = broadcast_object_list([answer.get("path"), answer.get("run_id")])
         if self.cfg.resume and path is None and state.is_main_process:
             tqdm.write(f"resume=auto: no checkpoint in {self.run_dir}, starting from scratch")
         return (Path(path) if path else None), run_id
@@ -143,6 +155,13 @@ class Trainer:
                               f"processes × grad_accum_steps = {per_step}")
         self.batch_size = cfg.data.batch_size // per_step
         eval_batch = max(1, (cfg.data.eval_batch_size or cfg.data.batch_size) // world)
+        self._notes: list[str] = []
+        workers = cfg.data.num_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if workers > cores:  # more worker processes than cores only adds switching
+            self._notes.append(f"note: data.num_workers={workers} lowered to {cores}: this process may use "
+                               f"{_plural(cores, 'CPU core')}")
+            workers = cores
         # The demo data is written once, by the main process; its error reaches every rank.
         def resolve() -> tuple[Path, Path]:
             return (resolve_shard_dir(cfg.data.train, "train", "data.train"),
@@ -151,30 +170,16 @@ class Trainer:
         train_dir, val_dir = resolve()
         common = dict(rank=acc.process_index, world_size=world, device=acc.device,
                       channels_last=cfg.model.channels_last)
+        data_cfg = dataclasses.replace(cfg.data, num_workers=workers)
         self.train_loader = create_data_loader(
-            cfg.data, train_dir, train=True, batch_size=self.batch_size, seed=cfg.seed,
+            data_cfg, train_dir, train=True, batch_size=self.batch_size, seed=cfg.seed,
             **get_method_class(cfg.method.name).train_loader_options(cfg.method), **common)
-        self.val_loader = create_data_loader(cfg.data, val_dir, train=False, batch_size=eval_batch, **common)
-        return self.train_loader.info
-
-    def _build_method(self, info: DatasetInfo) -> None:
-        """Student, method (with its teacher and extra modules), EMA, optimizer, scheduler."""
-        cfg, acc = self.cfg, self.accelerator
-        model = create_model(cfg.model, info.num_classes)
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        method = create_method(cfg.method, model, DataSpec(info.num_classes, info.num_samples,
-                                                           self.batch_size))
-        method.to(acc.device)
-        self.ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None
-        if cfg.model.compile:
-            model.compile()
-        self.optimizer = create_optimizer(method, cfg.optim)
-        # Accumulation windows never cross an epoch end: the epoch's last window may be shorter.
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum_steps)
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, **scheduler_kwargs(cfg.sched, cfg.epochs, self.steps_per_epoch))
-        self.method, self.optimizer = acc.prepare(method, self.optimizer)
+        self.val_loader = create_data_loader(data_cfg, val_dir, train=False, batch_size=eval_batch, **common)
+        info = self.train_loader.info
+        if cfg.data.batch_size > info.num_samples:
+            self._notes.append(f"warning: data.batch_size={cfg.data.batch_size} is larger than the "
+                               f"{info.num_samples} training samples in {train_dir}: one optimizer step per epoch")
+        return info
 
     # ----------------------------------------------------------------------------------- run
     def fit(self) -> dict[str, Any]:
@@ -188,19 +193,25 @@ class Trainer:
         with self._stop_on_signals():
             metrics: dict[str, Any] = {}
             for epoch in range(self.epoch, cfg.epochs):
+                if self._max_steps_reached():
+                    break
                 train_stats = self.train_one_epoch(epoch)
                 metrics = self.evaluate()
                 improved = self._track_best(epoch, metrics)
-                self.epoch = epoch + 1
+                # Where training continues: the next epoch, or this one when max_steps ended it early.
+                loader_state = self.train_loader.state_dict()
+                if loader_state["batches"] >= len(self.train_loader):
+                    loader_state = {"epoch": epoch + 1, "batches": 0}
+                self.epoch = loader_state["epoch"]
                 # The epoch's records first, its checkpoint last: a kill in between resumes from an
                 # earlier checkpoint, which drops the records of the epochs it trains again.
                 self.log_epoch(epoch, train_stats, metrics)
                 if improved:
                     best_predictions = self.run_dir / "predictions_best.npz"
                     self._on_all_ranks_or_none(lambda: self.predictions.save(best_predictions), main_only=True)
-                path = self.save({"epoch": epoch + 1, "batches": 0})
+                path = self.save(loader_state)
                 if improved:
-                    self._on_all_ranks_or_none(lambda: keep_as_best(path), main_only=True)
+                    self._on_all_ranks_or_none(lambda: keep_as(path, BEST_NAME), main_only=True)
                 self._check_stop()
             if not metrics:  # resumed a finished run: nothing left to train, evaluate once
                 metrics = self.evaluate()
@@ -210,6 +221,8 @@ class Trainer:
             return metrics
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        """The optimizer steps of ``epoch`` from the loader's position (to its end, or until
+        ``max_steps``); returns the epoch's mean loss parts and corrupt-sample count."""
         cfg, acc = self.cfg, self.accelerator
         self.method.train()
         self.unwrapped.start_epoch(epoch, cfg.epochs)
@@ -218,70 +231,78 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         self._corrupt_before = self.train_loader.num_corrupt
         start, num_batches = self.train_loader.state_dict()["batches"], len(self.train_loader)
-        progress, epoch_meter = _Progress(acc, num_batches, start, epoch), _Meter(acc.device)
+        if start == 0:
+            self.epoch_meter = LossMeter()
+        progress = _Progress(acc, num_batches, start, epoch)
+        batches = self._device_batches(epoch, start)
+        accum = cfg.grad_accum_steps
+        j = start
         try:
-            for j, batch in enumerate(self.train_loader, start):
-                # Windows of grad_accum_steps micro-batches; the epoch's last one may be shorter,
-                # and its micro-batches are averaged over its real length (as timm does).
-                window_start = j - j % cfg.grad_accum_steps
-                window = min(cfg.grad_accum_steps, num_batches - window_start)
-                sync = j + 1 == window_start + window
-                device_batch = self._to_device(batch)
-                if self.mixer is not None:  # Mixup/CutMix: images mixed in place, soft targets added
-                    device_batch = self.mixer(device_batch, epoch, j)
-                out = self._micro_step(device_batch, window, sync)
-                progress.add(out, batch["label"].shape[0])
-                epoch_meter.add(out)
-                if sync:
-                    self._end_optimizer_step(progress)
+            while j < num_batches and not self._max_steps_reached():
+                # Windows of grad_accum_steps micro-batches from the epoch's start; the last may be shorter.
+                window = min(accum - j % accum, num_batches - j)
+                agreed = train_step(self.parts, batches, window, self.step, (progress, self.epoch_meter),
+                                    status=lambda: (self._stop_signal is not None, self._corrupt_in_epoch()))
+                j += window
+                self.step += 1
+                self._act_on_consensus(agreed)
+                if self.step % cfg.log_every == 0:
+                    progress.log(self.step, self._lr(), self._corrupt_in_epoch(), self._check_loss)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    progress.flush(self.step, self._check_loss)
+                    self.save(self.train_loader.state_dict())
+            progress.flush(self.step, self._check_loss)
         finally:
             progress.close()  # also on an error, so its message starts a clean line
-        self._act_on_consensus(self._consensus.drain())
-        stats = epoch_meter.reduce(acc, self.step, self._last_checkpoint_note)
-        stats = {k.removeprefix("train/"): v for k, v in stats.items()}
+        self._act_on_consensus(self.parts.consensus.drain())
+        stats = self.epoch_meter.reduce(acc)
+        self._check_loss(stats, self.step)
         stats["corrupt_samples"] = self._sum_over_ranks(self._corrupt_in_epoch())
         return stats
 
-    def _micro_step(self, batch: Batch, window: int, sync: bool) -> dict[str, torch.Tensor]:
-        """Forward and backward of one micro-batch; the optimizer steps on the window's last."""
-        acc = self.accelerator
-        with contextlib.nullcontext() if sync else acc.no_sync(self.method):
-            out = self.method(batch)
-            acc.backward(out["loss"] / window)
-        if sync:
-            if self.cfg.optim.clip_grad:
-                acc.clip_grad_norm_(self.method.parameters(), self.cfg.optim.clip_grad)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.unwrapped.after_step(batch, out)
-        return out
+    def _device_batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        """The loader's batches from number ``start`` on, on the device, Mixup/CutMix applied."""
+        for j, batch in enumerate(self.train_loader, start):
+            device_batch = self._to_device(batch)
+            if self.mixer is not None:  # images mixed in place, soft targets added
+                device_batch = self.mixer(device_batch, epoch, j)
+            yield device_batch
 
-    def _end_optimizer_step(self, progress: _Progress) -> None:
-        """Schedules and EMA; the stop/corrupt consensus; maybe log (a host sync), maybe checkpoint."""
-        cfg = self.cfg
-        self.step += 1
-        self.scheduler.step_update(self.step)
-        if self.ema is not None:
-            self.ema.update(self.unwrapped.model, step=self.step)
-        corrupt = self._corrupt_in_epoch()
-        self._act_on_consensus(self._consensus.exchange(self._stop_signal is not None, corrupt))
-        if self.step % cfg.log_every == 0:
-            progress.log(self.step, self._lr(), corrupt, self._last_checkpoint_note)
-        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-            progress.check_finite(self.step, self._last_checkpoint_note)
-            self.save(self.train_loader.state_dict())
+    def _max_steps_reached(self) -> bool:
+        return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
+
+    def _check_loss(self, values: dict[str, float], step: int) -> None:
+        """Every loss that reaches the host passes here: a non-finite one stops the run."""
+        error = self.loss_watch.check(values, step)
+        if error:
+            raise NonFiniteLoss(f"{error}; stopping. {self._last_checkpoint_note()}")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        limit = self.cfg.data.max_corrupt_fraction
+        cfg = self.cfg
+        self._distribute_bn()
+        limit = cfg.data.max_corrupt_fraction
         self.predictions = predict(self.unwrapped.model, self.val_loader, self.accelerator,
-                                   channels_last=self.cfg.model.channels_last, max_corrupt_fraction=limit,
-                                   with_probs=self.cfg.save_probs)
+                                   channels_last=cfg.model.channels_last, max_corrupt_fraction=limit,
+                                   with_probs=cfg.save_probs)
         metrics = self.predictions.metrics()
         if self.ema is not None:
             metrics["ema"] = evaluate(self.ema.module, self.val_loader, self.accelerator,
-                                      channels_last=self.cfg.model.channels_last, max_corrupt_fraction=limit)
+                                      channels_last=cfg.model.channels_last, max_corrupt_fraction=limit)
         return metrics
+
+    def _distribute_bn(self) -> None:
+        """Make BatchNorm running statistics (the method's and the EMA's) equal on every process,
+        as timm's ``distribute_bn``: each process's differ after its own training batches, and
+        rank 0's are saved, so the metrics must come from the same values. Before every
+        evaluation and checkpoint."""
+        acc = self.accelerator
+        if acc.num_processes == 1 or self.cfg.dist_bn == "none":
+            return
+        reduce = self.cfg.dist_bn == "reduce"
+        distribute_bn(self.unwrapped, acc.num_processes, reduce)
+        if self.ema is not None:
+            distribute_bn(self.ema, acc.num_processes, reduce)
 
     # --------------------------------------------------------------------------- bookkeeping
     def log_epoch(self, epoch: int, train: dict[str, float], metrics: dict[str, Any]) -> None:
@@ -320,11 +341,13 @@ class Trainer:
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "best": self.best,
+            "loss_watch": self.loss_watch.state(),
         }
 
     def save(self, loader_state: dict[str, int]) -> Path:
         """Checkpoint at the current step; ``loader_state`` is where training continues."""
         acc = self.accelerator
+        self._distribute_bn()
         state = self.state_dict(loader_state)
         part = self.unwrapped.rank_state()  # this rank's share of a sharded state, else empty
         # A finite loss at step k was computed before step k's update: every floating tensor that
@@ -335,7 +358,10 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite values in {bad or 'the state of another process'} after "
                                 f"optimizer step {self.step}; stopping without saving them. "
                                 f"{self._last_checkpoint_note()}")
-        rngs = gather_object([rng_state()])  # every rank's generators, so each resumes its own
+        # Every rank's generators and mid-epoch loss sums, so each resumes its own.
+        meter = self.epoch_meter.state()
+        meter["sums"] = _cpu(meter["sums"])
+        gathered = gather_object([{"rng": rng_state(), "epoch_meter": meter}])
         path = checkpoint_path(self.run_dir, self.step)
         # Parts first, on every rank, then the main file: it appears only when all parts exist.
         # A failed write on any rank stops every rank (no rank is left waiting).
@@ -343,25 +369,35 @@ class Trainer:
                                    if part else None)
         if part:
             state["rank_parts"] = acc.num_processes
-        state["rng"] = rngs
+        state["rng"] = [g["rng"] for g in gathered]
+        state["epoch_meters"] = [g["epoch_meter"] for g in gathered]
         self._on_all_ranks_or_none(lambda: save_checkpoint(state, path, self.cfg.keep_checkpoints)
                                    if acc.is_main_process else None)
+        if self.loss_watch.saved(self.step):  # the loss stayed in bounds since the last checkpoint
+            self._on_all_ranks_or_none(lambda: keep_as(path, LAST_GOOD_NAME), main_only=True)
         return path
 
     def _on_all_ranks_or_none(self, action: Callable[[], Any], *, main_only: bool = False,
                               error: type[Exception] = CheckpointWriteError) -> None:
         """Run ``action`` here (with ``main_only``, on the main process alone); if it fails on any
-        rank, raise ``error`` with its message on every rank, so none is left waiting in a
-        collective for a rank that died."""
+        rank, every rank raises, so none is left waiting in a collective for a rank that died:
+        the failing rank its own exception, the others ``error`` with its message (an ``OSError``
+        or a user error: a file that cannot be written or read) or ``RankFailed`` (anything else)."""
+        failure: BaseException | None = None
         try:
-            if self.accelerator.is_main_process or not main_only:
+            if PartialState().is_main_process or not main_only:
                 action()
-            message = None
-        except (OSError, ValueError) as e:  # CheckpointWriteError, FileNotFoundError, ConfigError
-            message = str(e)
-        messages = [m for m in gather_object([message]) if m]
-        if messages:
-            raise error(messages[0])
+        except Exception as e:  # noqa: BLE001  every kind: the other ranks must learn of it
+            failure = e
+        report = None if failure is None else (
+            isinstance(failure, (OSError, SkdError)), f"{type(failure).__name__}: {one_line(failure)}",
+            one_line(failure))
+        reports = [r for r in gather_object([report]) if r]
+        if failure is not None:
+            raise failure
+        if reports:
+            user_error, described, message = reports[0]
+            raise error(message) if user_error else RankFailed(f"another process failed: {described}")
 
     def _restore(self, path: Path) -> dict[str, Any] | None:
         """Restore every component from checkpoint ``path``; return this rank's RNG state."""
@@ -387,12 +423,14 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.best = state.get("best")
+        self.loss_watch.load_state(state.get("loss_watch"))
         self.train_loader.load_state_dict(state["loader"])
+        self._restore_epoch_meter(state)
         if (self.best is not None and self.best["epoch"] == self.epoch - 1 and state["loader"]["batches"] == 0
                 and path.parent == checkpoint_path(self.run_dir, 0).parent):
             # This checkpoint is the best epoch's: a kill right after saving it may have kept
             # best.pt from linking to it.
-            self._on_all_ranks_or_none(lambda: keep_as_best(path), main_only=True)
+            self._on_all_ranks_or_none(lambda: keep_as(path, BEST_NAME), main_only=True)
         self._on_all_ranks_or_none(lambda: _truncate_history(self.run_dir / "history.jsonl", self.epoch),
                                    main_only=True)
         if self.accelerator.is_main_process:
@@ -401,6 +439,25 @@ class Trainer:
         # Another number of processes cannot continue the same random streams (the data is
         # continued, see ShardLoader.load_state_dict; dropout and the like draw new streams).
         return rngs[self.accelerator.process_index] if len(rngs) == self.accelerator.num_processes else None
+
+    def _restore_epoch_meter(self, state: dict[str, Any]) -> None:
+        """The loss sums of the epoch so far, so the epoch's mean covers its batches before the
+        resume too. Each process continues its own; on another number of processes, each starts
+        from an equal share of the total (its mean is then that of the whole epoch, weighted as
+        close as the new layout allows)."""
+        meters = state.get("epoch_meters")
+        if not meters or state["loader"]["batches"] == 0:
+            return
+        acc = self.accelerator
+        if len(meters) == acc.num_processes:
+            self.epoch_meter.load_state(meters[acc.process_index], acc.device)
+            return
+        names = set().union(*(m["sums"] for m in meters))
+        share = len(meters) / acc.num_processes
+        self.epoch_meter.load_state({
+            "sums": {n: sum(m["sums"][n] for m in meters if n in m["sums"]) / acc.num_processes for n in names},
+            "count": sum(m["count"] for m in meters) / acc.num_processes,
+            "images": round(sum(m["images"] for m in meters) * share / len(meters))}, acc.device)
 
     def _init_trackers(self) -> None:
         """One tracker run per skd run: TensorBoard writes every start into ``RUN_DIR/skd/`` (the
@@ -432,12 +489,16 @@ class Trainer:
         acc.end_training()
         if not acc.is_main_process:
             return
-        save_file(_cpu(self.unwrapped.model.state_dict()), self.run_dir / "model.safetensors")
+        # The exports record how their inputs were normalised: a run that distils from them as a
+        # teacher feeds it exactly that (skd.teacher.training_statistics).
+        cfg = self.cfg
+        meta = safetensors_metadata(cfg.model.name, cfg.data.mean, cfg.data.std, cfg.data.img_size)
+        save_file(_cpu(self.unwrapped.model.state_dict()), self.run_dir / "model.safetensors", metadata=meta)
         if self.ema is not None:
-            save_file(_cpu(self.ema.module.state_dict()), self.run_dir / "model_ema.safetensors")
+            save_file(_cpu(self.ema.module.state_dict()), self.run_dir / "model_ema.safetensors", metadata=meta)
         best = best_checkpoint(self.run_dir)
         if best is not None:
-            save_file(_cpu(load_state_dict_file(best)), self.run_dir / "model_best.safetensors")
+            save_file(_cpu(load_state_dict_file(best)), self.run_dir / "model_best.safetensors", metadata=meta)
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         self.predictions.save(self.run_dir / "predictions.npz")
         print(format_table(metrics, title=f"{self.cfg.method.name} / {self.cfg.model.name}"))
@@ -446,10 +507,13 @@ class Trainer:
         if train_corrupt or metrics["num_corrupt"]:
             print(f"corrupt samples skipped: {train_corrupt} in training (all epochs), "
                   f"{metrics['num_corrupt']} in the final evaluation")
+        if self._max_steps_reached() and self.epoch < self.cfg.epochs:
+            print(f"stopped after max_steps={self.cfg.max_steps} optimizer steps (epoch {self.epoch} of "
+                  f"{self.cfg.epochs}); continue with resume=auto max_steps=0 resume_allow_changes=[max_steps]")
         print(f"run directory: {self.run_dir}")
 
     # --------------------------------------------------------------------------------- helpers
-    def _to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def _to_device(self, batch: Batch) -> Batch:
         out = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
         if self.cfg.model.channels_last:
             for key in self.unwrapped.image_keys:
@@ -460,9 +524,7 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def _last_checkpoint_note(self) -> str:
-        last = latest_checkpoint(self.run_dir)
-        return (f"The last checkpoint written before it, {last}, is intact." if last
-                else "No checkpoint had been written yet.")
+        return self.loss_watch.advice(latest_checkpoint(self.run_dir), self.run_dir)
 
     def _corrupt_in_epoch(self) -> int:
         return self.train_loader.num_corrupt - self._corrupt_before
@@ -512,45 +574,67 @@ class Trainer:
             raise StopRequested(self._stop_signal or signal.SIGTERM)
 
 
-class _StepConsensus:
-    """The stop flag and the epoch's corrupt-sample count, summed over ranks every optimizer step
-    without stalling the device queue: the all-reduce launched at step k is read at step k+1,
-    when the device has long finished it, so all ranks act on the same values at the same step."""
+class _LossWatch:
+    """What the losses that reached the host say about the run: the last finite one, and whether
+    every one since the previous checkpoint stayed below ``factor`` × the run's first logged loss
+    (a loss far above the untrained model's has diverged, even while it is finite). The newest
+    checkpoint written in bounds is kept as ``checkpoints/last_good.pt``: where a diverged run can
+    go back to."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.alone = not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
-        self.pending: tuple[torch.Tensor, Any] | None = None
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.reference: float | None = None  # the first logged loss of the run
+        self.last_finite: tuple[int, float] | None = None
+        self.last_good_step: int | None = None
+        self.in_bounds = True  # every loss since the last checkpoint
 
-    def exchange(self, stop: bool, corrupt: int) -> tuple[bool, int] | None:
-        """Launch this step's reduction; return the previous step's result (None at the first)."""
-        previous = self.drain()
-        values = torch.tensor([float(stop), float(corrupt)], dtype=torch.float64)
-        if self.alone:  # nothing to reduce: the values wait on the host, acted on a step later as with ranks
-            self.pending = (values, None)
-            return previous
-        values = values.to(self.device, non_blocking=True)
-        dist.all_reduce(values, async_op=True).wait()  # NCCL: the stream waits, not the host
-        event = None
-        if self.cuda:
-            host = torch.empty(2, dtype=torch.float64, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            values = host
-        self.pending = (values, event)
-        return previous
-
-    def drain(self) -> tuple[bool, int] | None:
-        if self.pending is None:
+    def check(self, values: dict[str, float], step: int) -> str | None:
+        """Take the losses reduced at ``step``; an error message if one is not finite."""
+        loss = values.get("loss")
+        if loss is None:
             return None
-        values, event = self.pending
-        self.pending = None
-        if event is not None:
-            event.synchronize()  # waits for one step back, not for the queued work
-        stop, corrupt = values.tolist()
-        return stop > 0, int(corrupt)
+        if not all(math.isfinite(v) for v in values.values()):
+            self.in_bounds = False
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            last = (f"the loss was last finite at optimizer step {self.last_finite[0]} "
+                    f"({self.last_finite[1]:.4g})" if self.last_finite else "no finite loss was logged before")
+            return f"non-finite loss at or before optimizer step {step} ({parts}); {last}"
+        if self.reference is None:
+            self.reference = loss
+        self.last_finite = (step, loss)
+        if self.factor and loss > self.factor * self.reference:
+            self.in_bounds = False
+        return None
+
+    def saved(self, step: int) -> bool:
+        """A checkpoint was written at ``step``: True if it is a good one (then remembered)."""
+        good, self.in_bounds = self.in_bounds, True
+        if good:
+            self.last_good_step = step
+        return good
+
+    def advice(self, newest: Path | None, run_dir: Path) -> str:
+        """Which checkpoint to go back to, for a message about a stopped run."""
+        if newest is None:
+            return "No checkpoint had been written yet."
+        good = run_dir / "checkpoints" / LAST_GOOD_NAME
+        text = f"The newest checkpoint, {newest}, is intact."
+        newest_step = int(newest.stem.removeprefix("step-"))
+        if self.factor and self.last_good_step not in (None, newest_step) and good.is_file():
+            bound = (f" ({self.factor * self.reference:.4g})" if self.reference is not None else "")
+            text += (f" The newest one written while the training loss stayed below divergence_factor="
+                     f"{self.factor:g} × the first logged loss{bound} is {good} (optimizer step "
+                     f"{self.last_good_step}): resume from it with resume={good} (and, if the loss "
+                     f"diverged, a smaller optim.lr).")
+        return text
+
+    def state(self) -> dict[str, Any]:
+        return {"reference": self.reference, "last_finite": self.last_finite, "last_good_step": self.last_good_step}
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.reference, self.last_good_step = state["reference"], state["last_good_step"]
+            self.last_finite = tuple(state["last_finite"]) if state["last_finite"] else None
 
 
 class _Progress:
@@ -563,60 +647,32 @@ class _Progress:
         self._reset()
 
     def _reset(self) -> None:
-        self.meter, self.images, self.tic = _Meter(self.acc.device), 0, time.perf_counter()
+        self.meter, self.tic = LossMeter(), time.perf_counter()
 
     def add(self, out: dict[str, Any], images: int) -> None:
-        self.meter.add(out)
-        self.images += images
+        self.meter.add(out, images)
         self.bar.update(1)
 
-    def log(self, step: int, lr: float, corrupt: int, note: Callable[[], str]) -> None:
-        """Deliberate sync point: the losses reach the host, the NaN check runs."""
-        values = self.meter.reduce(self.acc, step, note)
-        rate = self.images * self.acc.num_processes / (time.perf_counter() - self.tic)
-        self.acc.log({**values, "train/img_per_s": rate, "train/lr": lr}, step=step)
-        postfix = dict(loss=f"{values['train/loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+    def log(self, step: int, lr: float, corrupt: int, check: Callable[[dict[str, float], int], None]) -> None:
+        """Deliberate sync point: the losses reach the host and pass ``check`` (the NaN check)."""
+        values = self.meter.reduce(self.acc)
+        check(values, step)
+        rate = self.meter.images * self.acc.num_processes / (time.perf_counter() - self.tic)
+        self.acc.log({**{f"train/{k}": v for k, v in values.items()}, "train/img_per_s": rate, "train/lr": lr},
+                     step=step)
+        postfix = dict(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
         if corrupt:
             postfix["corrupt"] = str(corrupt)
         self.bar.set_postfix(postfix)
         self._reset()
 
-    def check_finite(self, step: int, note: Callable[[], str]) -> None:
+    def flush(self, step: int, check: Callable[[dict[str, float], int], None]) -> None:
+        """The losses since the last log line through ``check`` (before a checkpoint)."""
         if self.meter.count:
-            self.meter.reduce(self.acc, step, note)
+            check(self.meter.reduce(self.acc), step)
 
     def close(self) -> None:
         self.bar.close()
-
-
-class _Meter:
-    """Sums loss parts on the device; ``reduce`` is the only place they reach the host."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.device = device
-
-    def add(self, out: dict[str, Any]) -> None:
-        parts = {"loss": out["loss"], **out.get("parts", {})}
-        for name, value in parts.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.count += 1
-
-    def reduce(self, acc: Accelerator, step: int, note: Callable[[], str]) -> dict[str, float]:
-        """Mean of each part over the added steps and ranks; raises ``NonFiniteLoss`` (with
-        ``note()`` saying which checkpoint is intact) if one is not finite."""
-        if not self.count:
-            return {}
-        names = sorted(self.sums)
-        values = acc.reduce(torch.stack([self.sums[n] for n in names]) / self.count, reduction="mean")
-        result = {f"train/{n}": float(v) for n, v in zip(names, values.tolist())}
-        if not all(math.isfinite(v) for v in result.values()):
-            parts = ", ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in result.items())
-            raise NonFiniteLoss(f"non-finite loss at or before optimizer step {step} ({parts}); "
-                                f"stopping. {note()}")
-        return result
 
 
 def _first_non_finite(state: dict[str, Any], sections: tuple[str, ...]) -> str | None:

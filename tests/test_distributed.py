@@ -74,3 +74,80 @@ def test_two_nodes_sharded_pskd_then_resumed_on_one_process(tmp_path):
     table = _memory(end_of_epoch_0[0])
     assert torch.allclose(table.sum(1), torch.ones(1437), atol=1e-5)
     assert json.loads((single / "metrics.json").read_text())["num_samples"] == 360
+
+
+# ------------------------------------------------------------------------- processes without a launcher
+def _two_processes(args: list[str], cwd: Path, timeout: float = 300) -> list[tuple[int, str, str]]:
+    """``tests/two_process_worker.py`` as ranks 0 and 1 (return code, stdout, stderr of each).
+    Started directly, not by a launcher that would stop the other rank when one fails: a rank
+    left waiting in a collective runs into the timeout."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_process_worker.py"), *args], cwd=cwd,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+        return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def _teacher_file(folder: Path) -> Path:
+    """A randomly initialised resnet8_cifar, recorded as trained on the digits' inputs."""
+    import timm
+    from safetensors.torch import save_file
+
+    import skd.models  # noqa: F401
+    from skd.config import DataConfig
+    from skd.teacher import safetensors_metadata
+
+    torch.manual_seed(1)
+    teacher = timm.create_model("resnet8_cifar", num_classes=10)
+    path = folder / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path),
+              metadata=safetensors_metadata("resnet8_cifar", DataConfig().mean, DataConfig().std, 32))
+    return path
+
+
+def test_two_processes_report_the_metrics_of_the_weights_they_save(tmp_path):
+    """KD with EMA on two processes: the frozen teacher stays outside DDP, and what the run reports
+    for its last epoch, its best epoch and its EMA equals ``skd eval`` of the weights it saved, on
+    one process and on two (BatchNorm statistics are made equal across ranks before each
+    evaluation and checkpoint)."""
+    from skd.evaluate import evaluate_target
+
+    run = tmp_path / "run"
+    args = ["model.name=resnet8_cifar", "method.name=kd", "method.teacher=resnet8_cifar",
+            f"method.teacher_checkpoint={_teacher_file(tmp_path)}", "ema.enabled=true", "ema.decay=0.8",
+            "epochs=2", "data.batch_size=64", "data.num_workers=0", "log_with=[]", f"output_dir={run}"]
+    results = _two_processes(["train", *args], tmp_path)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+        assert "frozen tensors outside DDP" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    best, ema = metrics.pop("best"), metrics.pop("ema")
+    best.pop("epoch")
+    one = {"last": evaluate_target(run, ["data.num_workers=0"]),
+           "best": evaluate_target(run / "model_best.safetensors", ["data.num_workers=0"]),
+           "ema": evaluate_target(run / "model_ema.safetensors", ["data.num_workers=0"])}
+    for name, reported in (("last", metrics), ("best", best), ("ema", ema)):
+        assert one[name] == pytest.approx(reported, rel=1e-5, abs=1e-6), name
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "skd",
+                           "eval", str(run / "model_best.safetensors"), "data.num_workers=0",
+                           "--json", str(tmp_path / "two.json")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "two.json").read_text()) == pytest.approx(best, rel=1e-5, abs=1e-6)
+
+
+def test_a_failure_on_one_process_stops_every_process(tmp_path):
+    """A bug (a RuntimeError) on the main process while it writes for everyone: it exits with its
+    own traceback, and the other process does not wait for it in a collective but stops too."""
+    args = ["model.name=resnet8_cifar", "method.name=ce", "epochs=1", "data.batch_size=256",
+            "data.num_workers=0", "log_with=[]", f"output_dir={tmp_path / 'run'}"]
+    (code0, _, err0), (code1, _, err1) = _two_processes(["fail-on-main", *args], tmp_path, timeout=240)
+    assert code0 == 1 and "RuntimeError: injected failure while linking a checkpoint" in err0
+    assert code1 == 1 and "RankFailed: another process failed: RuntimeError: injected failure" in err1

@@ -62,3 +62,21 @@ def test_summary_from_logits_matches_probability_functions():
     assert from_logits["eaurc"] == pytest.approx(metrics.eaurc(probs, labels))
     assert from_logits["num_samples"] == 200
     assert metrics.classification_metrics(probs, labels) == pytest.approx(from_logits)
+
+
+def test_results_table_stays_aligned_for_any_value():
+    """The table a run prints (``format_table``): every column keeps its width, whatever a diverged
+    run's values are."""
+    from skd.evaluate import format_table
+
+    good = {"top1": 99.17, "top5": 100.0, "nll": 0.093, "ece": 7.02, "aurc": 0.09, "eaurc": 0.04}
+    wild = {"top1": -1e12, "top5": 0.0, "nll": 2.3e11, "ece": float("inf"), "aurc": float("nan"), "eaurc": 1e300}
+    lines = format_table({**good, "ema": wild, "best": {"epoch": 11, **good}}, title="t").splitlines()[1:]
+    assert lines[1].split() == ["model", "0.83", "0.00", "0.093", "7.02", "0.09", "0.04"]
+    widths = [14, 10, 10, 9, 8, 9, 9]  # the row name, then the six columns
+    for line in lines[1:]:
+        assert len(line) == sum(widths), "\n".join(lines)
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        cells = [line[a:a + w] for a, w in zip(starts[1:], widths[1:])]
+        assert all(c.startswith(" ") and c.strip() for c in cells), "\n".join(lines)
+    assert lines[2].split()[1:] == ["1.000e+12", "100.00", "2.30e+11", "inf", "nan", "1.0e+300"]

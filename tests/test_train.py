@@ -126,7 +126,8 @@ def test_resume_after_sigterm_and_kill9_gives_identical_results(tmp_path):
     for k in ref_weights:
         assert torch.equal(weights[k], ref_weights[k]), k
     assert metrics == ref_metrics
-    assert [h["epoch"] for h in _history(run)] == [0, 1]
+    # Both interrupted epochs' train losses cover their batches before the resume too.
+    assert _history(run) == _history(reference)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
@@ -141,6 +142,33 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert state["step"] == step - 1
     assert all(v.isfinite().all() for v in state["method"].values() if v.is_floating_point())
     assert not (run / "metrics.json").exists()
+
+
+def test_a_diverging_run_names_the_last_checkpoint_before_the_loss_rose(tmp_path):
+    """Finite but diverged: the loss 100 times its first value at steps 5 and 6, NaN at step 7.
+    The stop says where the loss was last finite and points at the last checkpoint written while
+    the loss stayed below divergence_factor × the first logged loss (step 4), kept as
+    ``last_good.pt`` although retention has pruned it."""
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, FAST + ["method.name=ce", "optim.lr=0.01", "log_every=1",
+                                                "checkpoint_every=1", "keep_checkpoints=2", f"output_dir={run}"]))
+    real_forward = trainer.unwrapped.forward
+    factors = iter([1, 1, 1, 1, 100, 100, float("nan")])
+
+    def forward(batch):
+        out = real_forward(batch)
+        return {**out, "loss": out["loss"] * next(factors)}
+
+    trainer.unwrapped.forward = forward
+    with pytest.raises(NonFiniteLoss) as stopped:
+        trainer.fit()
+    message = str(stopped.value)
+    assert "non-finite loss at or before optimizer step 7" in message
+    assert re.search(r"the loss was last finite at optimizer step 6 \(\d+\.?\d*\)", message), message
+    good = run / "checkpoints" / "last_good.pt"
+    assert f"{good} (optimizer step 4): resume from it with resume={good}" in message
+    assert [p.name for p in list_checkpoints(run)] == ["step-000000005.pt", "step-000000006.pt"]
+    assert load_checkpoint(good)["step"] == 4
 
 
 @pytest.mark.parametrize("where", ["weight", "bn_buffer", "ema", "pskd_memory"])
@@ -161,8 +189,8 @@ def test_checkpoint_refuses_every_non_finite_tensor(tmp_path, where):
         target.view(-1)[0] = float("inf")
     trainer.step = 1
     with pytest.raises(NonFiniteLoss, match=rf"non-finite values in {re.escape(name)} after optimizer step 1; "
-                                            rf"stopping without saving them\. The last checkpoint written "
-                                            rf"before it, .*step-000000000\.pt, is intact\."):
+                                            rf"stopping without saving them\. The newest checkpoint, "
+                                            rf".*step-000000000\.pt, is intact\."):
         trainer.save({"epoch": 0, "batches": 1})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000000.pt"]
 

@@ -2,16 +2,18 @@
 ``python -m skd.bench gpu``: the step itself, its timing, the loss alone, and the host
 synchronisations and kernel ops inside it.
 
-A step is built from the trainer's own parts, as ``skd.train.Trainer`` builds and runs them: the
-model from ``skd.models.factory.create_model`` (channels_last, ``model.compile()`` when asked), the
-method from ``skd.methods.create_method``, the optimizer from ``skd.optim.create_optimizer``, and
-accelerate's ``prepare`` (bf16 autocast around the method's forward, its outputs cast to fp32).
+The step is the trainer's own: ``skd.train_step.build_training`` builds its parts from a
+``TrainConfig`` (the ImageNet recipe below unless told otherwise) exactly as ``skd.train.Trainer``
+does, and every call runs ``skd.train_step.train_step``, the function the trainer's loop calls:
+forward and backward of each micro-batch, clipping, the optimizer step, ``after_step``, the lr
+schedule, EMA, the loss meter and the stop/corrupt consensus. Only the batch is the benchmark's.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import dataclasses
+import itertools
 import time
 import warnings
 from pathlib import Path
@@ -23,10 +25,11 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
 
-from skd.config import ModelConfig, OptimConfig
-from skd.methods import DataSpec, create_method, get_method_class, get_method_config_class
-from skd.models.factory import create_model
-from skd.optim import create_optimizer
+from skd.batch import Batch
+from skd.config import DataConfig, ModelConfig, OptimConfig, SchedConfig, TrainConfig
+from skd.methods import DataSpec, get_method_class, get_method_config_class
+from skd.teacher import safetensors_metadata
+from skd.train_step import LossMeter, build_training, train_step
 from skd_kernels import _dispatch
 
 # The ImageNet recipe of the ResNet presets (SGD with momentum 0.9, lr 0.1, weight decay 1e-4).
@@ -72,42 +75,56 @@ class StepSizes:
     """Training-set size: the rows of PS-KD's memory."""
 
 
-class TrainStep:
-    """A method, its optimizer and one synthetic batch. Calling it runs one training step as
-    ``Trainer.train_one_epoch`` does: the prepared forward (autocast), backward, optimizer step,
-    ``zero_grad(set_to_none=True)``, then ``method.after_step`` (PS-KD's memory write)."""
+def step_config(spec: StepSpec, sizes: StepSizes, work_dir: Path, **overrides: Any) -> TrainConfig:
+    """The ``TrainConfig`` of a benchmark step: ``spec``'s model and method (a random-weight
+    teacher for teacher methods), channels_last, the ImageNet recipe's optimizer, and the
+    ``TrainConfig`` fields in ``overrides`` (e.g. ``grad_accum_steps``, ``ema``, ``optim``)."""
+    options: dict[str, Any] = dict(spec.options)
+    if spec.teacher:
+        options.update(teacher=spec.teacher, teacher_checkpoint=str(
+            random_checkpoint(spec.teacher, sizes.num_classes, work_dir, sizes.img_size)))
+    method = get_method_config_class(spec.method)(name=spec.method, **options)
+    fields: dict[str, Any] = dict(model=ModelConfig(name=spec.model, channels_last=True), method=method,
+                                  optim=OPTIM, sched=SchedConfig(sched="cosine"), epochs=100, log_with=[])
+    fields.update(overrides)
+    return TrainConfig(**fields)
 
-    def __init__(self, accelerator: Accelerator, spec: StepSpec, sizes: StepSizes, *,
-                 compile_kwargs: dict[str, Any] | None = None, work_dir: Path) -> None:
-        self.accelerator = acc = accelerator
-        torch.manual_seed(0)
-        method_cls = get_method_class(spec.method)
-        overrides: dict[str, Any] = dict(spec.options)
-        if spec.teacher:
-            overrides.update(teacher=spec.teacher, teacher_checkpoint=str(
-                random_checkpoint(spec.teacher, sizes.num_classes, work_dir)))
-        cfg = get_method_config_class(spec.method)(name=spec.method, **overrides)
-        model = create_model(ModelConfig(name=spec.model), sizes.num_classes)
-        model = model.to(memory_format=torch.channels_last)
-        method = create_method(cfg, model, DataSpec(sizes.num_classes, sizes.num_samples,
-                                                    sizes.batch_size))
-        method.to(acc.device)
-        if compile_kwargs is not None:
-            model.compile(**compile_kwargs)
-        optimizer = create_optimizer(method, OPTIM)
-        self.method, self.optimizer = acc.prepare(method, optimizer)
+
+class TrainStep:
+    """The parts of a training step (``build_training``) and one synthetic batch. Calling it runs
+    one optimizer step through ``train_step``, the trainer's own function, with
+    ``cfg.grad_accum_steps`` micro-batches of that batch, and returns the last micro-batch's
+    output. The schedules start at ``epoch`` of ``cfg.epochs`` epochs of ``steps_per_epoch``."""
+
+    def __init__(self, accelerator: Accelerator, spec: StepSpec, sizes: StepSizes, *, work_dir: Path,
+                 compile_kwargs: dict[str, Any] | None = None, cfg: TrainConfig | None = None,
+                 epoch: int = 1, steps_per_epoch: int = 1000) -> None:
+        cfg = cfg or step_config(spec, sizes, work_dir)
+        self.accelerator, self.cfg = accelerator, cfg
+        torch.manual_seed(cfg.seed)  # as the trainer: every rank builds the same initial weights
+        data = DataSpec(sizes.num_classes, sizes.num_samples, sizes.batch_size, mean=tuple(cfg.data.mean),
+                        std=tuple(cfg.data.std), img_size=sizes.img_size)
+        self.parts = build_training(cfg, accelerator, data, steps_per_epoch)
+        if compile_kwargs is not None:  # as model.compile=true, with the benchmark's options
+            self.parts.unwrapped.model.compile(**compile_kwargs)
+        self.method = self.parts.method
         self.method.train()
-        self.method.start_epoch(1, 100)  # past epoch 0: PS-KD's α > 0, its memory is read
-        loader_options = method_cls.train_loader_options(cfg)
-        self.batch = synthetic_batch(sizes, acc.device, with_partner="with_partner" in loader_options)
+        self.parts.unwrapped.start_epoch(epoch, cfg.epochs)  # past epoch 0: PS-KD's α > 0, its memory is read
+        self.parts.scheduler.step(epoch)
+        loader_options = get_method_class(spec.method).train_loader_options(cfg.method)
+        self.batch = synthetic_batch(sizes, accelerator.device, with_partner="with_partner" in loader_options)
+        self.meter, self.step = LossMeter(), 0
+        self.last: dict[str, Any] = {}
 
     def __call__(self) -> dict[str, torch.Tensor]:
-        out = self.method(self.batch)
-        self.accelerator.backward(out["loss"])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.method.after_step(self.batch, out)
-        return out
+        train_step(self.parts, itertools.repeat(self.batch), self.cfg.grad_accum_steps, self.step,
+                   observers=(self.meter, self))
+        self.step += 1
+        return self.last
+
+    def add(self, out: dict[str, Any], images: int) -> None:
+        """As a step observer: keep the latest micro-batch's output."""
+        self.last = out
 
     @contextlib.contextmanager
     def loss_only(self) -> Iterator[Callable[[], dict[str, torch.Tensor]]]:
@@ -115,17 +132,18 @@ class TrainStep:
         (teacher) return, as fresh leaf tensors, what they returned on the first call; forward,
         backward and ``after_step`` still run everything else (the losses, USKD's weak head,
         PS-KD's memory read and write). No optimizer step."""
-        method = self.method
-        stand_ins = {name: child for name, child in method.named_children()
-                     if child is method.model or child in method.frozen_modules()}
-        replays = [_Replay(child) for child in stand_ins.values()]
-        for name, replay in zip(stand_ins, replays):
-            setattr(method, name, replay)
+        method = self.parts.unwrapped
+        model, frozen = method.model, dict(method._frozen)
+        model_replay = _Replay(model)
+        frozen_replays = {name: _Replay(module) for name, module in frozen.items()}
+        replays = [model_replay, *frozen_replays.values()]
+        method.model = model_replay
+        method._frozen.update(frozen_replays)
 
         def step() -> dict[str, torch.Tensor]:
             for replay in replays:
                 replay.start_step()
-            out = method(self.batch)
+            out = self.method(self.batch)
             self.accelerator.backward(out["loss"])
             method.after_step(self.batch, out)
             method.zero_grad(set_to_none=True)
@@ -134,19 +152,18 @@ class TrainStep:
         try:
             yield step
         finally:
-            for name, child in stand_ins.items():
-                setattr(method, name, child)
+            method.model = model
+            method._frozen.update(frozen)
 
     def close(self) -> None:
         """Release the model, optimizer and batch before the next step is built. accelerate's
         ``free_memory`` drops its references, collects garbage (the prepared forward is a bound
         method in the model's own ``__dict__``: a reference cycle) and empties the CUDA cache."""
-        del self.method, self.optimizer, self.batch
+        del self.method, self.parts, self.batch
         self.accelerator.free_memory()
 
 
-def synthetic_batch(sizes: StepSizes, device: torch.device, *,
-                    with_partner: bool) -> dict[str, torch.Tensor]:
+def synthetic_batch(sizes: StepSizes, device: torch.device, *, with_partner: bool) -> Batch:
     """A batch as the loader delivers it after ``Trainer._to_device``: normalised fp32 images in
     channels_last, int64 labels and sample indices (distinct, as in an epoch), and for CS-KD a
     partner image per anchor."""
@@ -166,13 +183,17 @@ def synthetic_batch(sizes: StepSizes, device: torch.device, *,
     return batch
 
 
-def random_checkpoint(name: str, num_classes: int, directory: Path) -> Path:
-    """A safetensors file of a randomly initialised timm ``name`` (a teacher's weights)."""
-    path = directory / f"{name}-{num_classes}-random.safetensors"
+def random_checkpoint(name: str, num_classes: int, directory: Path, img_size: int = 224) -> Path:
+    """A safetensors file of a randomly initialised timm ``name`` (a teacher's weights), marked as
+    trained on ``img_size`` px inputs with the ImageNet statistics (what ``data`` defaults to), so
+    that the teacher is fed the training batch as it is."""
+    path = directory / f"{name}-{num_classes}-{img_size}px-random.safetensors"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        data = DataConfig()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+                  metadata=safetensors_metadata(name, data.mean, data.std, img_size))
     return path
 
 
