@@ -18,10 +18,9 @@ from matplotlib.figure import Figure
 
 from skd.config import config_to_dict, flat_fields, load_config
 from skd.methods import list_methods
-from skd.metrics import Predictions
+from skd.metrics import Predictions, calibration_bins
 from skd.report import (GATES, applies, comparison_figures, format_markdown, group_runs, load_run, load_runs,
                         reliability_figure, table_rows, write_csv)
-from skd.report import _bins  # what the report draws a run's diagram from
 from skd.report import main as report_main
 
 BASE = ["model.name=resnet8_cifar", "method.name=ce", "epochs=3"]
@@ -232,7 +231,8 @@ def test_legends_lie_below_the_axes_inside_the_figure(tmp_path, count):
 
 def test_one_runs_reliability_diagram_wraps_a_long_title(tmp_path):
     run = load_run(write_run(tmp_path / ("a-long-folder-name-" * 6) / "run", []))
-    fig = reliability_figure(_bins(run.predictions), title=str(run.path))
+    bins = calibration_bins(run.predictions.confidence, run.predictions.pred == run.predictions.label)
+    fig = reliability_figure(bins, title=str(run.path))
     fig.draw_without_rendering()
     _check_layout(fig)
     assert fig.axes[0].get_title().replace("\n", "").startswith(str(run.path))
