@@ -220,7 +220,8 @@ def _comparable(config: dict[str, Any], group_by: str | None) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not in_sections(k, ignored) and applies(k, config)}
 
 
-def _same(value: Any) -> str:
+def _canonical(value: Any) -> str:
+    """A config value as text that is equal exactly when the values are (lists, dicts, None)."""
     return json.dumps(value, sort_keys=True, default=str)
 
 
@@ -233,7 +234,7 @@ def group_runs(runs: list[Run], group_by: str | None = None) -> list[RunGroup]:
     if group_by:
         members: dict[str, list[Run]] = {}
         for run in runs:
-            members.setdefault(_same(_comparable(run.config, group_by)), []).append(run)
+            members.setdefault(_canonical(_comparable(run.config, group_by)), []).append(run)
         groups = list(members.values())
     else:  # identical configs stay apart: averaging is asked for with --group-by
         groups = [[run] for run in runs]
@@ -257,7 +258,7 @@ def _labels(configs: list[dict[str, Any]]) -> list[str]:
         for key in (k for k in keys if k in config):
             peers = [c for c in configs if key in c
                      and (not key.startswith("method.") or c.get("method.name") == config.get("method.name"))]
-            if len({_same(c[key]) for c in peers}) > 1:
+            if len({_canonical(c[key]) for c in peers}) > 1:
                 details.append(f"{key}={config[key]}")
         base = f"{config.get('method.name', '?')} / {config.get('model.name', '?')}"
         labels.append(f"{base} ({', '.join(details)})" if details else base)
