@@ -495,6 +495,19 @@ def in_sections(key: str, sections: tuple[str, ...] | list[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in sections)
 
 
+def flat_fields(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"scale": [0.08, 1.0]}}`` → ``{"data.scale": [0.08, 1.0]}``: one key per config
+    field, values kept as they are; the mapping-valued fields (``model.kwargs``,
+    ``method.teacher_kwargs``) stay one value, so an empty one is still a key."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key not in ("kwargs", "teacher_kwargs"):
+            out.update(flat_fields(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def flat_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` → ``{"a.b": 1}``, lists as strings (for tracker hyper-parameters)."""
     out: dict[str, Any] = {}

@@ -15,13 +15,16 @@ from torch import nn
 
 from skd.config import OptimConfig, SchedConfig
 
-__all__ = ["create_optimizer", "optimizer_kwargs", "param_groups", "scheduler_kwargs"]
+__all__ = ["create_optimizer", "optimizer_kwargs", "param_groups", "scheduler_kwargs", "MOMENTUM_OPTIMIZERS"]
+
+MOMENTUM_OPTIMIZERS = ("sgd", "nesterov", "momentum")
+"""The timm optimizers that are given ``optim.momentum``; the others ignore it."""
 
 
 def optimizer_kwargs(cfg: OptimConfig) -> dict[str, Any]:
     """Arguments for ``timm.optim.create_optimizer_v2`` besides the parameters."""
     kwargs: dict[str, Any] = dict(opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.kwargs)
-    if cfg.opt in ("sgd", "nesterov", "momentum"):
+    if cfg.opt in MOMENTUM_OPTIMIZERS:
         kwargs["momentum"] = cfg.momentum
     return kwargs
 

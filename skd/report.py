@@ -3,12 +3,20 @@ the trainer logs to TensorBoard.
 
 A run directory is read, never written: ``config.yaml``, ``metrics.json`` (the table: last epoch,
 EMA, best epoch), ``history.jsonl`` (training curves) and ``predictions.npz`` (reliability
-diagrams and risk–coverage curves of the final evaluation). With ``--group-by seed``, runs whose
-configs differ only in ``seed`` (and in keys that never change a result, such as ``output_dir``)
-become one row: mean ± sample standard deviation (n − 1) over the seeds.
+diagrams and risk–coverage curves of the final evaluation).
+
+Every run is a row of its own, labelled ``method / model`` and the config keys whose values differ
+between the compared runs, each key only on the runs it applies to (``applies``: a field of the
+run's own method; a key of ``GATES`` only where its gate holds, e.g. ``data.dali_device`` only with
+``data.backend=dali``). Runs whose labels would coincide (identical configs) are told apart by
+their directory names. With ``--group-by seed``, runs whose configs differ only in ``seed`` (and in
+keys that never change a result, such as ``output_dir``, or that do not apply to them) become one
+row: mean ± sample standard deviation (n − 1) over the n runs, n shown.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, never through
-``pyplot``, so no global backend is set and nothing needs a display.
+``pyplot``, so no global backend is set and nothing needs a display. Legends sit below the axes
+and the figure grows by their size, so no number of runs or length of label cuts them off or
+covers a curve.
 """
 from __future__ import annotations
 
@@ -17,27 +25,30 @@ import csv
 import json
 import math
 import re
-import statistics
-import sys
+import textwrap
 import zipfile
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.artist import Artist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from skd.config import flat_dict, in_sections, load_yaml
-from skd.errors import SkdError
+from skd.config import MixupConfig, flat_fields, in_sections, load_yaml
+from skd.errors import SkdError, run_command
 from skd.metrics import CalibrationBins, Predictions, calibration_bins, risk_coverage
+from skd.optim import MOMENTUM_OPTIMIZERS
 from skd.resume import OPERATIONAL_KEYS
 
-__all__ = ["Run", "RunGroup", "TableRow", "load_run", "group_runs", "table_rows", "format_markdown",
-           "write_csv", "reliability_figure", "reliability_overlay_figure", "risk_coverage_figure",
-           "training_curves_figure", "log_reliability_diagram", "write_report", "main"]
+__all__ = ["Run", "RunGroup", "TableRow", "Gate", "GATES", "applies", "load_run", "load_runs", "group_runs",
+           "table_rows", "format_number", "markdown_table", "format_markdown", "write_csv", "reliability_figure",
+           "reliability_overlay_figure", "risk_coverage_figure", "training_curves_figure", "comparison_figures",
+           "log_reliability_diagram", "write_report", "main"]
 
 COLUMNS = (("top1_err", "Top-1 Err"), ("top5_err", "Top-5 Err"), ("nll", "NLL"), ("ece", "ECE"),
            ("aurc", "AURC"), ("eaurc", "E-AURC"))
@@ -56,7 +67,7 @@ class ReportError(SkdError, ValueError):
 class Run:
     path: Path
     config: dict[str, Any]
-    """The resolved config, flattened (``method.name``)."""
+    """The resolved config, one key per field (``method.name``), values as saved."""
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     predictions: Predictions
@@ -80,12 +91,24 @@ class TableRow:
     """Column name → one value per run."""
 
     def mean(self, column: str) -> float:
-        return statistics.fmean(self.values[column])
+        return _mean(self.values[column])
 
     def std(self, column: str) -> float | None:
         """Sample standard deviation (n − 1); None for a single run."""
-        values = self.values[column]
-        return statistics.stdev(values) if len(values) > 1 else None
+        return _std(self.values[column])
+
+
+def _mean(values: Sequence[float]) -> float:
+    with np.errstate(all="ignore"):  # a diverged run's inf or NaN gives an inf or NaN mean
+        return float(np.mean(np.asarray(values, dtype=np.float64)))
+
+
+def _std(values: Sequence[float]) -> float | None:
+    """Sample standard deviation (n − 1), NaN when a value is not finite; None for one value."""
+    if len(values) < 2:
+        return None
+    with np.errstate(all="ignore"):
+        return float(np.std(np.asarray(values, dtype=np.float64), ddof=1))
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -101,7 +124,7 @@ def load_run(path: str | Path) -> Run:
     if missing:
         raise ReportError(f"{path} is not a finished run: {', '.join(missing)} missing")
     try:
-        config = flat_dict(load_yaml(path / "config.yaml"))
+        config = flat_fields(load_yaml(path / "config.yaml"))
         metrics = json.loads((path / "metrics.json").read_text())
         history = [json.loads(line) for line in (path / "history.jsonl").read_text().splitlines() if line]
         predictions = Predictions.load(path / "predictions.npz")
@@ -113,39 +136,143 @@ def load_run(path: str | Path) -> Run:
     return Run(path, config, metrics, history, predictions)
 
 
+def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """``load_run`` of each path; a directory given twice is refused (it would be two rows)."""
+    seen: set[Path] = set()
+    for path in paths:
+        if Path(path).resolve() in seen:
+            raise ReportError(f"{path} is given twice")
+        seen.add(Path(path).resolve())
+    return [load_run(p) for p in paths]
+
+
+# --------------------------------------------------------------------------- labels and groups
+@dataclass(frozen=True)
+class Gate:
+    """Config keys (``fnmatch`` patterns) that mean something only where ``test`` holds for the
+    values of the keys ``on`` (and those keys apply themselves). ``method`` limits the gate to
+    that method's runs: its fields are its own. A run whose config lacks a key of ``on`` (one its
+    version did not have) is not gated."""
+
+    keys: tuple[str, ...]
+    on: tuple[str, ...]
+    test: Callable[..., bool]
+    method: str | None = None
+
+
+def _one_of(*values: Any) -> Callable[[Any], bool]:
+    return lambda value: value in values
+
+
+def _positive(value: Any) -> bool:
+    return value is not None and value > 0
+
+
+def _mixup_on(alpha: float, cutmix_alpha: float, cutmix_minmax: list[float] | None) -> bool:
+    return MixupConfig(alpha=alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax).enabled
+
+
+GATES: tuple[Gate, ...] = (
+    Gate(("data.dali_*",), ("data.backend",), _one_of("dali")),
+    Gate(("data.dali_hw_decoder_load",), ("data.dali_device",), _one_of("gpu")),
+    Gate(("data.crop_padding", "data.rotation"), ("data.train_crop",), _one_of("pad_crop")),
+    # The CIFAR pad-crop pipeline has no RandomResizedCrop, colour jitter, RandAugment or erasing.
+    Gate(("data.scale", "data.ratio", "data.color_jitter", "data.auto_augment", "data.re_prob"),
+         ("data.train_crop",), _one_of("rrc")),
+    Gate(("data.re_mode",), ("data.re_prob",), _positive),
+    Gate(("optim.momentum",), ("optim.opt",), _one_of(*MOMENTUM_OPTIMIZERS)),
+    # What timm's create_scheduler_v2 reads for each schedule.
+    Gate(("sched.decay_milestones",), ("sched.sched",), _one_of("multistep")),
+    Gate(("sched.decay_epochs",), ("sched.sched",), _one_of("step")),
+    Gate(("sched.decay_rate",), ("sched.sched",), _one_of("step", "multistep", "poly")),
+    Gate(("sched.min_lr",), ("sched.sched",), _one_of("cosine", "tanh", "poly")),
+    Gate(("sched.warmup_lr",), ("sched.warmup_epochs",), _positive),
+    Gate(("ema.decay", "ema.warmup"), ("ema.enabled",), _one_of(True)),
+    Gate(("mixup.prob", "mixup.switch_prob", "mixup.label_smoothing", "mixup.correct_lam"),
+         ("mixup.alpha", "mixup.cutmix_alpha", "mixup.cutmix_minmax"), _mixup_on),
+    # A KD term's temperature does nothing while the term's weight is 0 (KD, ICKD, the feature baselines).
+    Gate(("method.temperature",), ("method.kd_weight",), _positive),
+    Gate(("method.memory_k", "method.memory_rest"), ("method.memory",), _one_of("topk", "sharded_topk"), "pskd"),
+    Gate(("method.reg_*", "method.correct_prob"), ("method.mode",), _one_of("reg"), "tfkd"),
+    Gate(("method.temperature", "method.alpha", "method.teacher*"), ("method.mode",), _one_of("self"), "tfkd"),
+)
+"""Every config key that applies only under a condition on other keys, declared once."""
+
+
+def applies(key: str, config: Mapping[str, Any]) -> bool:
+    """Whether ``key`` means something for the run of ``config`` (one key per field): it is one of
+    the run's fields (``method.alpha_T`` only on PS-KD runs) and every gate on it holds."""
+    if key not in config:
+        return False
+    for gate in GATES:
+        if gate.method not in (None, config.get("method.name")) or not any(fnmatchcase(key, p) for p in gate.keys):
+            continue
+        if all(k in config for k in gate.on) and not (all(applies(k, config) for k in gate.on)
+                                                      and gate.test(*(config[k] for k in gate.on))):
+            return False
+    return True
+
+
 def _comparable(config: dict[str, Any], group_by: str | None) -> dict[str, Any]:
-    """The config keys that make two runs different experiments."""
+    """The config keys that make two runs different experiments: those that apply to the run,
+    but not the ones that never change a result (``OPERATIONAL_KEYS``) nor ``group_by``."""
     ignored = OPERATIONAL_KEYS + ((group_by,) if group_by else ())
-    return {k: v for k, v in config.items() if not in_sections(k, ignored)}
+    return {k: v for k, v in config.items() if not in_sections(k, ignored) and applies(k, config)}
+
+
+def _canonical(value: Any) -> str:
+    """A config value as text that is equal exactly when the values are (lists, dicts, None)."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def group_runs(runs: list[Run], group_by: str | None = None) -> list[RunGroup]:
-    """One group per run, or with ``group_by`` one per set of runs that differ only in that key;
-    in the order of first appearance. Labels are ``method / model`` and the keys that set a group
-    apart from the others of the same method and model."""
+    """One group per run, in order; with ``group_by``, one per set of runs that differ only in
+    that key, in the order of first appearance. Labels: see ``_labels``; groups whose labels
+    coincide (the same config given twice) get their run directories' names appended."""
     if group_by and not any(group_by in r.config for r in runs):
         raise ReportError(f"--group-by {group_by}: no run's config has that key")
-    members: dict[str, list[Run]] = {}
-    for run in runs:
-        key = json.dumps(_comparable(run.config, group_by), sort_keys=True, default=str)
-        members.setdefault(key, []).append(run)
-    groups = list(members.values())
+    if group_by:
+        members: dict[str, list[Run]] = {}
+        for run in runs:
+            members.setdefault(_canonical(_comparable(run.config, group_by)), []).append(run)
+        groups = list(members.values())
+    else:  # identical configs stay apart: averaging is asked for with --group-by
+        groups = [[run] for run in runs]
     labels = _labels([_comparable(g[0].config, group_by) for g in groups])
-    if len(set(labels)) < len(labels):  # the same experiment given twice: tell them apart by folder
-        labels = [f"{label} [{g[0].path.name}]" for label, g in zip(labels, groups)]
+    for label in dict.fromkeys(labels):
+        clashing = [i for i, other in enumerate(labels) if other == label]
+        if len(clashing) > 1:
+            names = _distinct_names([groups[i] for i in clashing])
+            for i, name in zip(clashing, names):
+                labels[i] = f"{label} [{name}]"
     return [RunGroup(label, g) for label, g in zip(labels, groups)]
 
 
 def _labels(configs: list[dict[str, Any]]) -> list[str]:
-    bases = [f"{c.get('method.name', '?')} / {c.get('model.name', '?')}" for c in configs]
+    """``method / model`` and the keys of each (comparable) config whose values differ among the
+    configs that have the key; a method's field only among the runs of that method."""
+    keys = list(dict.fromkeys(k for c in configs for k in c if k not in ("method.name", "model.name")))
     labels = []
-    for base, config in zip(bases, configs):
-        peers = [c for b, c in zip(bases, configs) if b == base]
-        keys = sorted({k for c in peers for k in c} - {"method.name", "model.name"})
-        differing = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in peers}) > 1]
-        details = ", ".join(f"{k}={config.get(k)}" for k in differing)
-        labels.append(f"{base} ({details})" if details else base)
+    for config in configs:
+        details = []
+        for key in (k for k in keys if k in config):
+            peers = [c for c in configs if key in c
+                     and (not key.startswith("method.") or c.get("method.name") == config.get("method.name"))]
+            if len({_canonical(c[key]) for c in peers}) > 1:
+                details.append(f"{key}={config[key]}")
+        base = f"{config.get('method.name', '?')} / {config.get('model.name', '?')}"
+        labels.append(f"{base} ({', '.join(details)})" if details else base)
     return labels
+
+
+def _distinct_names(groups: list[list[Run]]) -> list[str]:
+    """The shortest trailing parts of the run directories' paths that tell the groups apart."""
+    paths = [[r.path.resolve() for r in g] for g in groups]
+    for n in range(1, max(len(p.parts) for g in paths for p in g) + 1):
+        names = [", ".join("/".join(p.parts[-n:]) for p in g) for g in paths]
+        if len(set(names)) == len(names):
+            return names
+    return [", ".join(str(p) for p in g) for g in paths]
 
 
 # -------------------------------------------------------------------------------------- table
@@ -173,28 +300,55 @@ def table_rows(groups: list[RunGroup], group_by: str | None = None) -> list[Tabl
     return rows
 
 
-def _cell(row: TableRow, column: str) -> str:
-    digits = 3 if column == "nll" else 2
-    std = row.std(column)
-    return f"{row.mean(column):.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+def format_number(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals, in scientific notation where that would take more than
+    ten characters (a diverged run's NLL of 2.3e11 reads ``2.300e+11``); ``nan``, ``inf``."""
+    text = f"{value:.{digits}f}"
+    return text if len(text) <= 10 or not math.isfinite(value) else f"{value:.{digits}e}"
+
+
+def _mean_std(values: Sequence[float], digits: int) -> str:
+    """``mean ± std`` of several runs, the value alone for one."""
+    std = _std(values)
+    return format_number(_mean(values), digits) + ("" if std is None else f" ± {format_number(std, digits)}")
+
+
+def _digits(column: str) -> int:
+    return 3 if column == "nll" else 2
 
 
 def _epochs(row: TableRow) -> str:
     return f"{row.which} ({', '.join(str(e) for e in row.epochs)})"
 
 
+def markdown_table(header: list[str], rows: list[list[str]], right: Sequence[int] = ()) -> str:
+    """A GitHub Markdown table that is aligned as plain text too: every column padded to its
+    widest cell, the columns ``right`` (indices) right-aligned; a ``|`` in a cell is escaped and
+    line breaks become spaces."""
+    cells = [[" ".join(str(c).split()).replace("|", "\\|") for c in row] for row in [header, *rows]]
+    widths = [max(len(row[j]) for row in cells) for j in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if j in right else c.ljust(w)
+                                 for j, (c, w) in enumerate(zip(row, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if j in right else "-" * (w + 2) for j, w in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
 def format_markdown(rows: list[TableRow], group_by: str | None = None) -> str:
-    head = ["run"] + ([group_by] if group_by else []) + ["epoch"] + [title for _, title in COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---|" * (bool(group_by) + len(COLUMNS))]
-    for row in rows:
-        cells = [row.label] + ([", ".join(str(v) for v in row.group_values)] if group_by else [])
-        cells += [_epochs(row)] + [_cell(row, c) for c, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The results table; with ``group_by`` a column of each row's values of that key and one of
+    n, the number of runs averaged."""
+    head = ["run"] + ([group_by, "n"] if group_by else []) + ["epoch"] + [title for _, title in COLUMNS]
+    body = [[row.label] + ([", ".join(str(v) for v in row.group_values), str(len(row.epochs))] if group_by else [])
+            + [_epochs(row)] + [_mean_std(row.values[c], _digits(c)) for c, _ in COLUMNS] for row in rows]
+    numbers = len(head) - len(COLUMNS)
+    return markdown_table(head, body, right=[*range(numbers, len(head))] + ([2] if group_by else []))
 
 
 def write_csv(rows: list[TableRow], path: Path, group_by: str | None = None) -> None:
-    """Full-precision values: per metric column the mean and ``_std`` (empty for one run)."""
+    """Full-precision values (``nan``, ``inf`` as Python writes them): per metric column the mean
+    and ``_std`` (empty for one run)."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", group_by or "group_values", "which", "epochs", "n"]
@@ -208,8 +362,48 @@ def write_csv(rows: list[TableRow], path: Path, group_by: str | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------ figures
-def _color(i: int) -> Any:
-    return colormaps["tab10"](i % 10)
+LEGEND_FONTSIZE = 8.0
+TITLE_FONTSIZE = 12.0
+"""Points; legends and titles are wrapped to the figure's width at about 0.6 em a character."""
+
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _style(i: int) -> dict[str, Any]:
+    """The color and line style of the ``i``-th run: tab10's colors, then again dashed."""
+    return {"color": colormaps["tab10"](i % 10), "linestyle": LINESTYLES[(i // 10) % len(LINESTYLES)]}
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # a renderer to measure the legend with
+    return fig
+
+
+def _line_length(fig: Figure, fontsize: float) -> int:
+    """Characters of text in ``fontsize`` points that fit across the figure (about 0.6 em each)."""
+    return int(fig.get_figwidth() * 72 / (0.6 * fontsize))
+
+
+def _wrap(text: str, width: int) -> str:
+    return textwrap.fill(text, max(width, 24), break_on_hyphens=False)
+
+
+def _legend_below(fig: Figure, handles: list[Artist], labels: list[str]) -> None:
+    """The legend under all axes, its labels wrapped to the figure's width; the figure grows by
+    the legend's height (and its width, should a label still be wider) so the axes keep their
+    size and no entry is cut off or covers data."""
+    if not labels:
+        return
+    chars = _line_length(fig, LEGEND_FONTSIZE) - 8  # the handle takes about 8
+    wrapped = [_wrap(label, chars) for label in labels]
+    longest = max(len(line) for label in wrapped for line in label.splitlines())
+    columns = max(1, min(len(wrapped), chars // (longest + 8)))
+    legend = fig.legend(handles, wrapped, loc="outside lower center", ncols=columns, fontsize=LEGEND_FONTSIZE,
+                        frameon=False)
+    box = legend.get_window_extent(fig.canvas.get_renderer())
+    fig.set_size_inches(max(fig.get_figwidth(), box.width / fig.dpi + 0.3),
+                        fig.get_figheight() + box.height / fig.dpi + 0.1)
 
 
 def _bins(predictions: Predictions) -> CalibrationBins:
@@ -219,7 +413,7 @@ def _bins(predictions: Predictions) -> CalibrationBins:
 def reliability_figure(bins: CalibrationBins, title: str = "") -> Figure:
     """Accuracy per confidence bin against the diagonal, the gap to each bin's mean confidence
     (what ECE weighs), and below it the share of samples per bin."""
-    fig = Figure(figsize=(4.8, 6.0), layout="constrained")
+    fig = _figure(4.8, 6.0)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.2))
     width = bins.upper - bins.lower
     filled = bins.count > 0
@@ -230,43 +424,51 @@ def reliability_figure(bins: CalibrationBins, title: str = "") -> Figure:
     top.bar(bins.lower[filled], gap, width[filled], bottom=gap_low, align="edge", color="tab:red",
             alpha=0.3, edgecolor="tab:red", hatch="//", linewidth=0.6, label="gap to mean confidence")
     top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
-            title=f"{title}\nECE {bins.ece:.2f} %" if title else f"ECE {bins.ece:.2f} %")
-    top.legend(loc="upper left", fontsize="small")
+    ece = f"ECE {format_number(bins.ece, 2)} %"
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+    title = f"{_wrap(title, _line_length(fig, TITLE_FONTSIZE))}\n{ece}" if title else ece  # a long path wraps
+    top.set_title(title, fontsize=TITLE_FONTSIZE)
     share = 100.0 * bins.count / max(bins.num_samples, 1)
     bottom.bar(bins.lower, share, width, align="edge", color="gray", edgecolor="black", linewidth=0.6)
     bottom.set(xlabel="confidence", ylabel="% of samples")
+    _legend_below(fig, *top.get_legend_handles_labels())
     return fig
 
 
-def reliability_overlay_figure(curves: list[tuple[str, Any, CalibrationBins]]) -> Figure:
+Curves = list[tuple[str, dict[str, Any], Any]]
+"""One entry per run: (legend label, or "" for a run that shares its group's entry; line style
+from ``_style``; the run's data)."""
+
+
+def reliability_overlay_figure(curves: Curves) -> Figure:
     """Several runs' reliability curves (accuracy at each non-empty bin's mean confidence) and
-    confidence histograms; ``curves`` holds (legend label or "", color, bins)."""
-    fig = Figure(figsize=(6.4, 7.0), layout="constrained")
+    confidence histograms; the data of each curve is a ``CalibrationBins``."""
+    fig = _figure(6.4, 7.0)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.2))
     top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
-    for label, color, bins in curves:
+    for label, style, bins in curves:
         filled = bins.count > 0
-        top.plot(bins.confidence[filled], bins.accuracy[filled], "o-", color=color, markersize=3,
-                 label=label or None)
+        top.plot(bins.confidence[filled], bins.accuracy[filled], marker="o", markersize=3, label=label or None,
+                 **style)
         edges = np.append(bins.lower, bins.upper[-1])
-        bottom.stairs(100.0 * bins.count / max(bins.num_samples, 1), edges, color=color)
+        bottom.stairs(100.0 * bins.count / max(bins.num_samples, 1), edges, **style)
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="reliability (final evaluation)")
-    top.legend(loc="upper left", fontsize="small")
     bottom.set(xlabel="confidence", ylabel="% of samples")
+    _legend_below(fig, *top.get_legend_handles_labels())
     return fig
 
 
-def risk_coverage_figure(curves: list[tuple[str, Any, Predictions]]) -> Figure:
-    """Risk (error % of the most confident samples) against coverage; AURC is its mean."""
-    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+def risk_coverage_figure(curves: Curves) -> Figure:
+    """Risk (error % of the most confident samples) against coverage; AURC is its mean. The data
+    of each curve is the run's ``Predictions``."""
+    fig = _figure(6.4, 4.8)
     ax = fig.subplots()
-    for label, color, predictions in curves:
+    for label, style, predictions in curves:
         coverage, risk = risk_coverage(predictions.confidence, predictions.pred == predictions.label)
-        ax.plot(coverage, 100.0 * risk, color=color, linewidth=1.2, label=label or None)
+        ax.plot(coverage, 100.0 * risk, linewidth=1.2, label=label or None, **style)
     ax.set(xlim=(0, 1), ylim=(0, None), xlabel="coverage", ylabel="risk (% errors among covered)",
            title="risk–coverage (final evaluation)")
-    ax.legend(loc="upper left", fontsize="small")
+    _legend_below(fig, *ax.get_legend_handles_labels())
     return fig
 
 
@@ -285,24 +487,24 @@ def _curve_keys(histories: list[list[dict[str, Any]]]) -> list[str]:
     return [k for k in fixed if k in present] + sorted(present - set(fixed))
 
 
-def training_curves_figure(curves: list[tuple[str, Any, list[dict[str, Any]]]]) -> Figure:
-    """One panel per value of ``history.jsonl`` worth a curve, one line per run."""
+def training_curves_figure(curves: Curves) -> Figure:
+    """One panel per value of ``history.jsonl`` worth a curve, one line per run; the data of each
+    curve is the run's history."""
     keys = _curve_keys([h for _, _, h in curves])
     cols = min(3, max(1, len(keys)))
     rows = max(1, math.ceil(len(keys) / cols))
-    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
+    fig = _figure(4.2 * cols, 3.2 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, key in zip(axes, keys):
-        for label, color, history in curves:
+        for label, style, history in curves:
             epochs = [r["epoch"] for r in history]
             values = [r.get(key, math.nan) for r in history]
-            ax.plot(epochs, values, "o-", color=color, markersize=3, label=label or None)
+            ax.plot(epochs, values, marker="o", markersize=3, label=label or None, **style)
         ax.set(title=_TITLES.get(key, key.replace("train_", "train ")), xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[len(keys):]:
         ax.set_axis_off()
-    if any(label for label, _, _ in curves):
-        axes[0].legend(fontsize="small")
+    _legend_below(fig, *axes[0].get_legend_handles_labels())
     return fig
 
 
@@ -325,12 +527,24 @@ def log_reliability_diagram(accelerator: Any, predictions: Predictions, step: in
 
 # -------------------------------------------------------------------------------------- report
 def _legend(group: RunGroup, metric: str | None) -> str:
-    """The group's label, with the final evaluation's ``metric`` (the mean over several runs)."""
+    """The group's label, with the final evaluation's ``metric`` (mean ± std over several runs)."""
     if metric is None:
         return group.label
-    values = [r.metrics[metric] for r in group.runs]
-    value = f"mean {statistics.fmean(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
-    return f"{group.label}: {metric.upper()} {value}{' %' if metric == 'ece' else ''}"
+    n = len(group.runs)
+    value = _mean_std([r.metrics[metric] for r in group.runs], 2)
+    return (f"{group.label}: {metric.upper()} {value}{' %' if metric == 'ece' else ''}"
+            + (f" (n={n})" if n > 1 else ""))
+
+
+def comparison_figures(groups: list[RunGroup]) -> dict[str, Figure]:
+    """``reliability.png``, ``risk_coverage.png`` and ``training_curves.png`` of the groups: one
+    style per group; a group's runs (its seeds) share it and one legend entry."""
+    def curves(metric: str | None, data: Callable[[Run], Any]) -> Curves:
+        return [(_legend(group, metric) if j == 0 else "", _style(i), data(run))
+                for i, group in enumerate(groups) for j, run in enumerate(group.runs)]
+    return {"reliability.png": reliability_overlay_figure(curves("ece", lambda run: _bins(run.predictions))),
+            "risk_coverage.png": risk_coverage_figure(curves("aurc", lambda run: run.predictions)),
+            "training_curves.png": training_curves_figure(curves(None, lambda run: run.history))}
 
 
 def _file_name(i: int, run: Run) -> str:
@@ -348,7 +562,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None,
             raise ReportError("--out DIR is required when reporting several runs")
         out = Path(run_dirs[0]) / "report"
     out = Path(out)
-    runs = [load_run(p) for p in run_dirs]
+    runs = load_runs(run_dirs)
     groups = group_runs(runs, group_by)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -357,16 +571,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None,
     (out / "results.md").write_text(table + "\n")
     write_csv(rows, out / "results.csv", group_by)
 
-    # One color per group; a group's runs (its seeds) share it and one legend entry.
-    def lines(metric: str | None = None) -> list[tuple[str, Any, Run]]:
-        return [(_legend(group, metric) if j == 0 else "", _color(i), run)
-                for i, group in enumerate(groups) for j, run in enumerate(group.runs)]
-    _save(reliability_overlay_figure([(label, color, _bins(run.predictions)) for label, color, run in lines("ece")]),
-          out / "reliability.png")
-    _save(risk_coverage_figure([(label, color, run.predictions) for label, color, run in lines("aurc")]),
-          out / "risk_coverage.png")
-    _save(training_curves_figure([(label, color, run.history) for label, color, run in lines()]),
-          out / "training_curves.png")
+    for name, fig in comparison_figures(groups).items():
+        _save(fig, out / name)
     per_run = []
     for i, run in enumerate(runs):
         name = _file_name(i, run)
@@ -378,8 +584,9 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None,
              "Top-1/Top-5 error and ECE in %, NLL in nats, AURC and E-AURC ×1000 (the PS-KD conventions). "
              "`last`: the final evaluation (`metrics.json`), `ema`: its EMA weights, `best`: the epoch with "
              "the best validation `best_metric`; epochs in parentheses count from 0."
-             + (f" Rows merge runs that differ only in `{group_by}`: mean ± sample standard deviation "
-                f"(n − 1)." if group_by else "")
+             + (f" Rows merge the n runs that differ only in `{group_by}`: mean ± sample standard "
+                f"deviation (n − 1)." if group_by else " Each run is a row of its own; runs with the same "
+                "config are told apart by their directories' names (`--group-by seed` averages seeds).")
              + " Full-precision values: [results.csv](results.csv).", "",
              "## Runs", ""]
     index += [f"- **{group.label}**: " + ", ".join(f"`{r.path}`" for r in group.runs) for group in groups]
@@ -406,13 +613,13 @@ def main(argv: list[str] | None = None) -> int:
                                       "required for several)")
     parser.add_argument("--group-by", metavar="KEY",
                         help="merge runs whose configs differ only in this config key (usually seed) "
-                             "into mean ± std rows")
+                             "into mean ± std rows; without it every run is a row of its own")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         index = write_report(args.runs, args.out, args.group_by)
-    except ReportError as e:
-        print(f"skd report: error: {e}", file=sys.stderr)
-        return 2
-    print((index.parent / "results.md").read_text(), end="")
-    print(f"report: {index}")
-    return 0
+        print((index.parent / "results.md").read_text(), end="")
+        print(f"report: {index}")
+        return 0
+
+    return run_command("skd report", body)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from skd.checkpoint import CHECKPOINT_DIR, FORMATS, list_checkpoints, load_checkpoint, read_run_id
-from skd.config import ConfigError, TrainConfig, config_to_dict, in_sections
+from skd.config import ConfigError, TrainConfig, config_to_dict, flat_fields, in_sections
 
 __all__ = ["check_output_dir", "select_checkpoint", "check_resume_config", "OPERATIONAL_KEYS"]
 
@@ -108,7 +108,7 @@ def _load(path: Path) -> dict[str, Any]:
 def check_resume_config(state: dict[str, Any], cfg: TrainConfig) -> None:
     """Stop (``ConfigError``) if ``cfg`` differs from the checkpoint's config in a way the resume
     cannot honour; the message lists every difference."""
-    old, new = _flat(state["config"]), _flat(config_to_dict(cfg))
+    old, new = flat_fields(state["config"]), flat_fields(config_to_dict(cfg))
     allowed = tuple(cfg.resume_allow_changes)
     # A key missing on one side is a difference inside `method` (another method's fields); elsewhere
     # it is a config key this version added or dropped since the checkpoint was written.
@@ -120,16 +120,6 @@ def check_resume_config(state: dict[str, Any], cfg: TrainConfig) -> None:
         raise ConfigError(f"resume: the config differs from the checkpoint's in {lines}. Resume with the "
                           f"checkpoint's values, or list the keys you mean to change in "
                           f"resume_allow_changes (e.g. resume_allow_changes=[{changed[0]}])")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and key not in ("kwargs", "teacher_kwargs"):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def _first_line(e: BaseException) -> str:

@@ -226,7 +226,12 @@ def test_demo_trains_through_dali_and_both_backends_score_it_alike(digits, tmp_p
             f"data.train={digits / 'val'}", "data.backend=dali", "data.dali_device=cpu", "data.dali_threads=2"]
     metrics = train(load_config(None, fast))
     assert json.loads((run / "metrics.json").read_text())["num_samples"] == 360
-    assert metrics["top1"] > 25  # it learned through DALI's images (chance: 10; measured 43)
+    # It learned through DALI's images: the loss falls (2.28 -> 1.45-1.68, seeds 0-3) and top-1 ends
+    # well above chance (10 %). Top-1 lands anywhere from 36 to 58 %, often after sitting at chance
+    # through epoch 1, so its bound stays far below that.
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["top1"] > 15
     through_torch = evaluate_target(run, ["data.backend=torch", "data.num_workers=0"])
     through_dali = evaluate_target(run, [])
     assert abs(through_torch["top1"] - through_dali["top1"]) <= 1.0
