@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from skd.batch import Batch
+from skd.errors import CheckpointError
 
 
 @dataclass
@@ -91,8 +92,8 @@ class Method(nn.Module):
         saved run, in rank order, for any number of ranks then and now. Tensors may be
         memory-mapped (``torch.load(mmap=True)``); implementations read only what they need."""
         if any(parts):
-            raise ValueError(f"method '{self.cfg.name}' keeps no per-rank state, but the checkpoint "
-                             f"holds per-rank parts {sorted(next(p for p in parts if p))[:5]}")
+            raise CheckpointError(f"method '{self.cfg.name}' keeps no per-rank state, but the checkpoint "
+                                  f"holds per-rank parts {sorted(next(p for p in parts if p))[:5]}")
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
@@ -115,5 +116,5 @@ class Method(nn.Module):
         frozen = [name for name, m in self.named_children() if m in self.frozen_modules()]
         missing = [k for k in missing if not any(k.startswith(f + ".") for f in frozen)]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint does not match method '{self.cfg.name}': "
-                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(f"checkpoint does not match method '{self.cfg.name}': "
+                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
