@@ -18,7 +18,6 @@ import json
 import math
 import re
 import statistics
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from skd.config import flat_dict, in_sections, load_yaml
-from skd.errors import SkdError
+from skd.errors import SkdError, run_command
 from skd.metrics import CalibrationBins, Predictions, calibration_bins, risk_coverage
 from skd.resume import OPERATIONAL_KEYS
 
@@ -408,11 +407,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="merge runs whose configs differ only in this config key (usually seed) "
                              "into mean ± std rows")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         index = write_report(args.runs, args.out, args.group_by)
-    except ReportError as e:
-        print(f"skd report: error: {e}", file=sys.stderr)
-        return 2
-    print((index.parent / "results.md").read_text(), end="")
-    print(f"report: {index}")
-    return 0
+        print((index.parent / "results.md").read_text(), end="")
+        print(f"report: {index}")
+        return 0
+
+    return run_command("skd report", run)

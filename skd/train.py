@@ -37,11 +37,12 @@ from skd.checkpoint import (CHECKPOINT_FORMAT, CheckpointWriteError, best_checkp
                             keep_as_best, latest_checkpoint, load_checkpoint, load_parts, rng_state,
                             save_checkpoint, save_part, set_rng_state)
 from skd.config import ConfigError, TrainConfig, config_to_dict, flat_dict, load_config, save_config
-from skd.config_docs import format_config_keys
-from skd.errors import SkdError
-from skd.data import CorruptDataError, DatasetInfo, ShardFormatError, resolve_shard_dir
+from skd.config_docs import format_config_keys, format_defaults_note
+from skd.errors import MissingFileError, SkdError, run_command
+from skd.data import CorruptDataError, DatasetInfo, resolve_shard_dir
 from skd.data.epoch_plan import derive_seed
 from skd.data.factory import create_data_loader
+from skd.environment import check_environment
 from skd.evaluate import evaluate, format_table, predict
 from skd.metrics import Predictions
 from skd.methods import DataSpec, create_method, get_method_class
@@ -68,6 +69,7 @@ class StopRequested(Exception):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
+        check_environment(cfg)
         self.cfg = cfg
         cpu = not torch.cuda.is_available()
         precision = ("no" if cpu else "bf16") if cfg.precision == "auto" else cfg.precision
@@ -147,7 +149,7 @@ class Trainer:
         def resolve() -> tuple[Path, Path]:
             return (resolve_shard_dir(cfg.data.train, "train", "data.train"),
                     resolve_shard_dir(cfg.data.val, "val", "data.val"))
-        self._on_all_ranks_or_none(resolve, main_only=True, error=FileNotFoundError)
+        self._on_all_ranks_or_none(resolve, main_only=True, error=MissingFileError)
         train_dir, val_dir = resolve()
         common = dict(rank=acc.process_index, world_size=world, device=acc.device,
                       channels_last=cfg.model.channels_last)
@@ -681,42 +683,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return Trainer(cfg).fit()
 
 
-def _one_line(e: BaseException) -> str:
-    """The message of ``e``; for an error re-raised from a DataLoader worker (whose message holds
-    the worker's traceback) only the original error's own line."""
-    text = str(e).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="skd train", description="Train a timm model with a (self-)distillation method. "
         "Without --config, runs the embedded demo (PS-KD on the scikit-learn digits, CPU-sized).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override any as key=value; `skd config ...` prints the resolved config):\n"
-               + format_config_keys())
+        epilog="config keys (override any as key=value; `skd config ...` prints the resolved config)\n\n"
+               + format_defaults_note() + "\n\n" + format_config_keys())
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, nested with dots, e.g. data.batch_size=256 epochs=90")
     args = parser.parse_intermixed_args(argv)  # --config may come after overrides
-    try:
-        cfg = load_config(args.config, args.overrides)
+
+    def run() -> int:
         try:
-            trainer = Trainer(cfg)
-        except ValueError as e:  # data, teacher or method files rejected while building
-            raise ConfigError(str(e)) from e
-        trainer.fit()
-    except (ConfigError, FileNotFoundError, ShardFormatError, CorruptDataError) as e:
-        # Bad input: a config value, a missing or damaged file, data outside its contract.
-        print(f"skd train: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except (NonFiniteLoss, CheckpointWriteError) as e:
-        print(f"skd train: error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except StopRequested as e:
-        print(f"skd train: stopped by {e}; checkpoint written, continue with resume=auto",
-              file=sys.stderr)
-        return 128 + e.signum
-    return 0
+            Trainer(load_config(args.config, args.overrides)).fit()
+        except StopRequested as e:
+            print(f"skd train: stopped by {e}; checkpoint written, continue with resume=auto",
+                  file=sys.stderr)
+            return 128 + e.signum
+        return 0
+
+    return run_command("skd train", run)
