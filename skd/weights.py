@@ -13,6 +13,7 @@ not fit is an error listing the missing, unexpected and mis-shaped keys.
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 import warnings
 import zipfile
@@ -60,10 +61,8 @@ def _why_not_loadable(path: Path, error: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` refused ``path``, in skd's words (never torch's)."""
     unsafe: list[str] = []
     if zipfile.is_zipfile(path):
-        try:
+        with contextlib.suppress(Exception):  # a damaged archive: no list, the generic reason below
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:  # noqa: BLE001  a damaged archive: no list, the generic reason below
-            unsafe = []
     if unsafe:
         return (f"is not a file skd can load safely: it holds Python objects ({', '.join(unsafe[:3])}), "
                 f"and skd never unpickles objects, which can run code")
