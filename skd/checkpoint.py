@@ -9,6 +9,10 @@ State too large to gather on one process (a sharded PS-KD memory) is written by 
 *part* file beside the checkpoint (``step-N.pt.rank-R-of-W``), each atomically, before the main
 file; the main file records how many parts it has, and appears last. Parts go with their main
 file when it is pruned; parts without one (a save that was killed) are removed by the next save.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` (``skd.weights.read_torch_file``): a
+damaged file, one that is not skd's, or one that holds Python objects is a ``CheckpointError``
+naming it. ``set_aside`` moves a damaged checkpoint (with its parts) into ``checkpoints/damaged/``.
 """
 from __future__ import annotations
 
@@ -23,9 +27,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from skd.errors import SkdError
+from skd.errors import CheckpointError, MissingFileError, SkdError
+from skd.weights import read_torch_file
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged"
+"""Subfolder of ``checkpoints/`` that damaged checkpoints are moved into (see ``set_aside``)."""
 BEST_NAME = "best.pt"
 """The best epoch's checkpoint (by ``best_metric``), kept beside the pruned ones."""
 LAST_GOOD_NAME = "last_good.pt"
@@ -35,6 +42,7 @@ CHECKPOINT_FORMAT = "skd-checkpoint-2"
 FORMATS = ("skd-checkpoint-1", CHECKPOINT_FORMAT)
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 _PART = re.compile(r"^(.+\.pt)\.rank-\d{5}-of-(\d{5})$")
+_EXPECTED = f"an skd checkpoint ({CHECKPOINT_DIR}/step-*.pt or {CHECKPOINT_DIR}/{BEST_NAME} of a run)"
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -135,9 +143,21 @@ def load_parts(path: str | Path, count: int) -> list[dict[str, Any]]:
     for rank in range(count):
         file = part_path(path, rank, count)
         if not file.is_file():
-            raise FileNotFoundError(f"checkpoint {path} lists {count} per-rank parts, but {file} is missing")
-        parts.append(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            raise MissingFileError(f"checkpoint {path} lists {count} per-rank parts, but {file} is missing")
+        parts.append(read_torch_file(file, "checkpoint part", f"rank {rank}'s part of {path}", mmap=True))
     return parts
+
+
+def set_aside(path: str | Path) -> Path:
+    """Move the damaged checkpoint ``path`` and its per-rank parts, under their own names, into
+    ``checkpoints/damaged/``, where neither pruning nor ``resume=auto`` looks; returns its new path."""
+    path = Path(path)
+    folder = path.parent / DAMAGED_DIR
+    folder.mkdir(exist_ok=True)
+    for file in [*path.parent.glob(path.name + ".rank-*"), path]:  # the main file last, as when saving
+        os.replace(file, folder / file.name)
+    _fsync_dir(path.parent)
+    return folder / path.name
 
 
 class _ErrorRecordingFile:
@@ -162,8 +182,8 @@ def read_run_id(path: str | Path) -> str | None:
     """The ``run_id`` stored in a checkpoint, read without loading its tensors (memory-mapped);
     None for a checkpoint without one or a file that does not load."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001  a damaged file belongs to no run
+        state = read_torch_file(path, "checkpoint", _EXPECTED, mmap=True)
+    except SkdError:  # a damaged or foreign file belongs to no run
         return None
     return state.get("run_id") if isinstance(state, dict) else None
 
@@ -205,11 +225,15 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU. Only tensors and plain containers are accepted."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load an skd checkpoint onto the CPU (tensors and plain containers only). A missing file is a
+    ``MissingFileError``; a damaged one, or any other file, a ``CheckpointError`` naming it."""
+    state = read_torch_file(path, "checkpoint", _EXPECTED)
+    found = state.get("format") if isinstance(state, dict) else None
+    if found not in FORMATS:
+        what = (f"format {found!r}" if isinstance(state, dict) and "format" in state
+                else f"{type(state).__name__} without skd's format tag, e.g. a bare state_dict")
+        raise CheckpointError(f"checkpoint {path} is not an skd checkpoint ({what}); expected {_EXPECTED}")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,8 +1,14 @@
 """Run configuration: nested dataclasses, YAML presets and ``key.path=value`` overrides.
 
-Strict by design: an unknown key, or a value of the wrong type, is a ``ConfigError`` that names
-the key (and suggests the closest valid one) before any work starts. The ``method`` section is
-typed by the chosen method's own ``Config`` dataclass (see ``skd.methods``).
+Strict by design: an unknown key, or a value of the wrong type, range or choice, is a
+``ConfigError`` that names the key (and suggests the closest valid one) before any work starts.
+The ``method`` section is typed by the chosen method's own ``Config`` dataclass (see
+``skd.methods``).
+
+A config only describes a run: building one imports neither timm's registries nor DALI and looks
+at no GPU, so a run's config loads, compares and reports anywhere. Whether the machine can run it
+(the model and optimizer names known to timm, DALI and a GPU for ``data.backend=dali``) is checked
+when a run starts, by ``skd.environment.check_environment``.
 """
 from __future__ import annotations
 
@@ -104,9 +110,6 @@ class DataConfig:
                "must hold 3 positive values (RGB)")
         _check(self.rotation == 0 or self.train_crop == "pad_crop", "data.rotation", self.rotation,
                "is only supported with data.train_crop=pad_crop")
-        if self.backend == "dali":  # DALI installed, a GPU if asked for, no augmentation it lacks
-            from skd.data.dali_loader import check_dali_config
-            check_dali_config(self)
 
 
 @dataclass
@@ -116,7 +119,9 @@ class ModelConfig:
     pretrained: bool = False
     """Load timm pretrained weights (needs them cached locally or a hub)."""
     checkpoint: str = ""
-    """Initial weights from a local safetensors/torch file (timm ``pretrained_cfg_overlay``)."""
+    """Initial weights from a local file: safetensors, or a torch file of tensors (a state_dict,
+    possibly under ``state_dict``/``model``/``net``/``module``, or an skd checkpoint's student),
+    loaded strictly: its names and shapes must be the model's (with this run's class count)."""
     drop_rate: float = bounded(0.0, ge=0, lt=1)
     """Classifier dropout."""
     drop_path_rate: float = bounded(0.0, ge=0, lt=1)
@@ -127,16 +132,6 @@ class ModelConfig:
     """Use the channels_last memory format (faster convolutions on tensor-core GPUs)."""
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
-
-    def __post_init__(self) -> None:
-        import timm
-
-        import skd.models  # noqa: F401  registers the CIFAR nets with timm
-
-        if not timm.is_model(self.name):
-            close = difflib.get_close_matches(self.name, timm.list_models(), n=3, cutoff=0.6)
-            hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
-            raise ConfigError(f"config key 'model.name' = {self.name!r}: not a timm model{hint}")
 
 
 @dataclass
@@ -159,15 +154,6 @@ class OptimConfig:
     """Clip the global gradient norm to this value."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``timm.optim.create_optimizer_v2``."""
-
-    def __post_init__(self) -> None:
-        from timm.optim import list_optimizers
-
-        names = list_optimizers()
-        if self.opt.lower() not in names and self.opt.lower().split("_")[-1] not in names:
-            close = difflib.get_close_matches(self.opt, names, n=3, cutoff=0.6)
-            hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.optim.list_optimizers())"
-            raise ConfigError(f"config key 'optim.opt' = {self.opt!r}: not a timm optimizer{hint}")
 
 
 @dataclass
@@ -360,7 +346,13 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file (a preset, a run's ``config.yaml``); ``ConfigError`` naming the
+    file when it is missing, a directory, empty, not YAML or not a mapping."""
     path = Path(path)
+    if path.is_dir():
+        presets = sorted(str(p) for p in path.rglob("*.yaml"))
+        some = f" such as {', '.join(presets[:3])}{', ...' if len(presets) > 3 else ''}" if presets else ""
+        raise ConfigError(f"config file {path} is a directory; give a YAML file{some}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -416,15 +408,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key '{prefix}{key}'{_suggest(key, names, prefix)}")
         kwargs[key] = _coerce(hints[key], value, prefix + key)
-    try:
-        section = cls(**kwargs)
-        check_fields(section, prefix)
-    except ConfigError:
-        raise
-    except ValueError as e:  # field rules, and a method's own __post_init__ checks
-        raise ConfigError(str(e)) from None
-    except TypeError as e:
-        raise ConfigError(f"section '{prefix.rstrip('.') or 'top level'}': {e}") from None
+    section = cls(**kwargs)
+    check_fields(section, prefix)
     return section
 
 

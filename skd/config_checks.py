@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from skd.errors import ConfigError
+
 __all__ = ["bounded", "one_of", "check_fields", "describe_rule"]
 
 
@@ -48,9 +50,9 @@ def _violates(f: dataclasses.Field, value: Any) -> bool:
 
 
 def check_fields(section: Any, prefix: str = "") -> None:
-    """Raise ``ValueError`` naming the first field of ``section`` that breaks its rule (NaN breaks
+    """Raise ``ConfigError`` naming the first field of ``section`` that breaks its rule (NaN breaks
     every bound)."""
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if _violates(f, value):
-            raise ValueError(f"config key '{prefix}{f.name}' = {value!r}: must be {describe_rule(f)}")
+            raise ConfigError(f"config key '{prefix}{f.name}' = {value!r}: must be {describe_rule(f)}")

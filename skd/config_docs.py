@@ -11,7 +11,6 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import sys
 import textwrap
 import typing
 from functools import lru_cache
@@ -19,11 +18,12 @@ from typing import Any
 
 import yaml
 
-from skd.config import ConfigError, TrainConfig, config_to_dict, load_config
+from skd.config import DEMO_OVERRIDES, TrainConfig, config_to_dict, flat_dict, load_config
 from skd.config_checks import describe_rule
+from skd.errors import run_command
 from skd.methods import MethodConfig, get_method_config_class, list_methods
 
-__all__ = ["ConfigKey", "config_keys", "format_config_keys", "main"]
+__all__ = ["ConfigKey", "config_keys", "format_config_keys", "format_defaults_note", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ def config_keys() -> list[ConfigKey]:
     keys = _keys_of(TrainConfig, "")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if dataclasses.is_dataclass(hints[f.name]):
+        if dataclasses.is_dataclass(hints[f.name]) and hints[f.name] is not MethodConfig:  # below
             keys += _keys_of(hints[f.name], f.name + ".")
     keys.append(ConfigKey("method.name", "str", "ce", "one of " + ", ".join(list_methods()),
                           _field_docs(MethodConfig)["name"]))
@@ -94,6 +94,15 @@ def config_keys() -> list[ConfigKey]:
         keys += [dataclasses.replace(k, methods=(name,))
                  for k in _keys_of(get_method_config_class(name), "method.") if k.key != "method.name"]
     return keys
+
+
+def format_defaults_note(width: int = 100) -> str:
+    """Which defaults ``format_config_keys`` shows, and the values the demo (``skd train``
+    without ``--config``) sets instead."""
+    demo = " ".join(f"{k}={v}" for k, v in flat_dict(DEMO_OVERRIDES).items())
+    text = (f"The defaults below are the dataclasses' own, the starting point of every --config preset. "
+            f"Without --config, skd train runs the demo (configs/demo.yaml), which sets: {demo}.")
+    return "\n".join(textwrap.wrap(text, width=width, break_on_hyphens=False))
 
 
 def format_config_keys(width: int = 100) -> str:
@@ -119,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML preset (see configs/); without it, the embedded demo")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_intermixed_args(argv)
-    try:
+
+    def run() -> int:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"skd config: error: {e}", file=sys.stderr)
-        return 2
-    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-    return 0
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+
+    return run_command("skd config", run)

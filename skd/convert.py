@@ -34,7 +34,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from skd.errors import CheckpointError
+from skd.errors import CheckpointError, ConfigError, run_command
 
 __all__ = ["CHECKPOINT_FORMATS", "ConversionError", "mmcls_to_timm", "mmcls_num_classes", "main"]
 
@@ -283,28 +283,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import timm
-    from safetensors.torch import save_file
 
-    from skd.teacher import load_state_dict_file
-    out = Path(args.out_file)
-    try:
+    def run() -> int:
+        import timm
+        from safetensors.torch import save_file
+
+        from skd.weights import load_state_dict_file
+        out = Path(args.out_file)
         if out.suffix != ".safetensors":
-            raise ValueError(f"output {out} must end with .safetensors")
+            raise ConfigError(f"output {out} must end with .safetensors")
         if not timm.is_model(args.model):
-            raise ValueError(f"--model {args.model!r} is not a timm model (see timm.list_models())")
-        state = load_state_dict_file(args.in_file)
+            raise ConfigError(f"--model {args.model!r} is not a timm model (see timm.list_models())")
+        state = load_state_dict_file(args.in_file, "mmcls checkpoint")
         num_classes = mmcls_num_classes(state, args.in_file)
         model = timm.create_model(args.model, pretrained=False, num_classes=num_classes)
         converted = mmcls_to_timm(state, model, source=args.in_file)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"skd convert: error: {e}", file=sys.stderr)
-        return 2
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in converted.items()}, str(out),
-              metadata={"format": "pt", "architecture": args.model, "converted_from": "mmcls"})
-    print(f"{args.in_file}: {len(converted)} tensors -> timm {args.model} ({num_classes} classes): {out}")
-    return 0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in converted.items()}, str(out),
+                  metadata={"format": "pt", "architecture": args.model, "converted_from": "mmcls"})
+        print(f"{args.in_file}: {len(converted)} tensors -> timm {args.model} ({num_classes} classes): {out}")
+        return 0
+
+    return run_command("skd convert", run)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +11,15 @@ import torch
 from accelerate import Accelerator, PartialState
 from torch import nn
 
-from safetensors.torch import load_file
-
 from skd.checkpoint import latest_checkpoint, load_checkpoint
-from skd.config import ConfigError, build_config, load_yaml, merge, parse_overrides
+from skd.config import build_config, load_yaml, merge, parse_overrides
 from skd.data import CorruptDataError, DatasetInfo, resolve_shard_dir
 from skd.data.factory import create_data_loader
+from skd.environment import check_environment
+from skd.errors import MissingFileError, run_command
 from skd.metrics import Predictions, sample_stats_from_log_probs
 from skd.models.factory import create_model
+from skd.weights import extract_state_dict, load_state_dict_file, load_weights
 
 
 @torch.no_grad()
@@ -122,7 +122,9 @@ def _cell(value: float, width: int, decimals: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="skd eval", description="Evaluate a run directory, a checkpoint (.pt) or exported "
-        "weights (.safetensors, with config.yaml beside it) on its validation shards.")
+        "weights (.safetensors, with config.yaml beside it) on its validation shards. The loader is "
+        "the torch backend unless data.backend is given here (a run trained with data.backend=dali "
+        "evaluates anywhere).")
     parser.add_argument("target", help="run directory, checkpoint file or model.safetensors")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. data.val=DIR data.eval_batch_size=256 save_probs=true")
@@ -132,20 +134,19 @@ def main(argv: list[str] | None = None) -> int:
                              "run's predictions.npz; all probabilities too with save_probs=true)")
     args = parser.parse_intermixed_args(argv)
 
-    try:
+    def run() -> int:
         predictions = predict_target(args.target, args.overrides)
-    except (ConfigError, FileNotFoundError, CorruptDataError) as e:
-        print(f"skd eval: error: {e}", file=sys.stderr)
-        return 2
-    metrics = predictions.metrics()
-    print(format_table(metrics, title=str(args.target)))
-    print(json.dumps(metrics))
-    if PartialState().is_main_process:
-        if args.json_out:
-            Path(args.json_out).write_text(json.dumps(metrics, indent=2) + "\n")
-        if args.predictions:
-            predictions.save(args.predictions)
-    return 0
+        metrics = predictions.metrics()
+        print(format_table(metrics, title=str(args.target)))
+        print(json.dumps(metrics))
+        if PartialState().is_main_process:
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps(metrics, indent=2) + "\n")
+            if args.predictions:
+                predictions.save(args.predictions)
+        return 0
+
+    return run_command("skd eval", run)
 
 
 def evaluate_target(target: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
@@ -155,35 +156,24 @@ def evaluate_target(target: str | Path, overrides: list[str] = ()) -> dict[str, 
 
 def predict_target(target: str | Path, overrides: list[str] = ()) -> Predictions:
     """The per-sample predictions of a run directory / checkpoint / safetensors file's model
-    (with all probabilities when the resolved config has ``save_probs``)."""
-    target = Path(target)
-    if target.is_dir():
-        raw = load_yaml(target / "config.yaml")
-        weights_file = target / "model.safetensors"
-        ckpt = None if weights_file.is_file() else latest_checkpoint(target)
-        if ckpt is None and not weights_file.is_file():
-            raise FileNotFoundError(f"{target} holds neither model.safetensors nor a checkpoint")
-    elif target.suffix == ".safetensors":
-        raw, weights_file, ckpt = load_yaml(target.parent / "config.yaml"), target, None
-    else:
-        ckpt = target
-        raw = None
-    state = load_checkpoint(ckpt) if ckpt is not None else None
-    if state is not None:
-        raw = state["config"]
-    cfg = build_config(merge(raw, parse_overrides(list(overrides))), str(target))
+    (with all probabilities when the resolved config has ``save_probs``).
+
+    The loader is the torch backend unless ``overrides`` set ``data.backend``: evaluation needs
+    no augmentation, so a run trained with DALI is evaluated where DALI is absent. Bad input (a
+    missing or damaged file, weights that do not fit the model, bad shards) is an ``SkdError``."""
+    raw, weights, source = _read_target(Path(target))
+    update = parse_overrides(list(overrides))
+    cfg = build_config(merge(merge(raw, {"data": {"backend": "torch"}}), update), str(target))
+    check_environment(cfg, evaluation=True)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="no" if not torch.cuda.is_available() else
                               ("bf16" if cfg.precision == "auto" else cfg.precision))
     val_dir = resolve_shard_dir(cfg.data.val, "val", "data.val")
     info = DatasetInfo.load(val_dir)
-    model = create_model(cfg.model, info.num_classes)
-    if state is not None:
-        prefix = "model."
-        model.load_state_dict({k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)})
-    else:
-        model.load_state_dict(load_file(weights_file))
+    model = create_model(cfg.model, info.num_classes, initial_weights=False)
+    load_weights(model, weights, source, f"model {cfg.model.name!r} with {info.num_classes} classes "
+                 f"(model.name, model.kwargs and data.val must be the run's)")
     model.to(accelerator.device)
     loader = create_data_loader(cfg.data, val_dir, train=False,
                                 batch_size=max(1, (cfg.data.eval_batch_size or cfg.data.batch_size)
@@ -192,3 +182,26 @@ def predict_target(target: str | Path, overrides: list[str] = ()) -> Predictions
                                 device=accelerator.device, channels_last=cfg.model.channels_last)
     return predict(model, loader, accelerator, channels_last=cfg.model.channels_last,
                    max_corrupt_fraction=cfg.data.max_corrupt_fraction, with_probs=cfg.save_probs)
+
+
+def _read_target(target: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """The run's config (as a dict), the student's weights and a name for them, from a run
+    directory (its ``model.safetensors``, else its newest checkpoint), a checkpoint, or exported
+    weights with the run's ``config.yaml`` beside them."""
+    if not target.exists():
+        raise MissingFileError(f"{target} does not exist (expected a run directory, a checkpoint or "
+                               f"a .safetensors export)")
+    if target.is_dir():
+        run_dir, export = target, target / "model.safetensors"
+        target = export if export.is_file() else latest_checkpoint(run_dir)
+        if target is None:
+            raise MissingFileError(f"{run_dir} is not a run directory: it holds neither model.safetensors "
+                                   f"nor checkpoints/step-*.pt")
+    if target.suffix == ".safetensors":
+        config = target.parent / "config.yaml"
+        if not config.is_file():
+            raise MissingFileError(f"{config} is missing: exported weights ({target.name}) are evaluated "
+                                   f"with the config.yaml of their run beside them")
+        return load_yaml(config), load_state_dict_file(target, "exported model"), str(target)
+    state = load_checkpoint(target)
+    return state["config"], extract_state_dict(state, f"checkpoint {target}"), f"checkpoint {target}"

@@ -15,6 +15,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from skd.errors import ConfigError
+
 __all__ = ["is_token_model", "mid_feature_index", "forward_with_pooled_feature",
            "pooled_feature_channels", "forward_with_last_map", "last_map_channels", "FeatureTap",
            "Features", "num_feature_maps", "forward_with_maps", "default_input_size",
@@ -55,7 +57,8 @@ def forward_with_pooled_feature(model: nn.Module, x: torch.Tensor,
 
 def _gap(feature_map: torch.Tensor) -> torch.Tensor:
     if feature_map.dim() != 4:
-        raise ValueError(f"expected an NCHW feature map, got shape {tuple(feature_map.shape)}")
+        raise ConfigError(f"model.name: expected an NCHW feature map (a CNN) or a ViT's tokens, got a "
+                          f"feature of shape {tuple(feature_map.shape)}")
     return feature_map.mean(dim=(2, 3))
 
 
@@ -104,8 +107,9 @@ def forward_with_last_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     ``forward_head`` (ICKD's feature: the output of the last conv stage, docs/methods.md §7)."""
     feature_map = model.forward_features(x)
     if feature_map.dim() != 4:
-        raise ValueError(f"{type(model).__name__}.forward_features gives shape "
-                         f"{tuple(feature_map.shape)}, not an NCHW feature map; ICKD needs a CNN")
+        raise ConfigError(f"{type(model).__name__}.forward_features gives shape "
+                          f"{tuple(feature_map.shape)}, not an NCHW feature map; ICKD needs a CNN "
+                          f"(model.name, method.teacher)")
     return model.forward_head(feature_map), feature_map
 
 
@@ -113,7 +117,8 @@ def last_map_channels(model: nn.Module) -> int:
     """Channels of ``forward_with_last_map``'s map: timm's ``num_features``."""
     channels = getattr(model, "num_features", None)
     if not isinstance(channels, int) or channels <= 0:
-        raise ValueError(f"{type(model).__name__} has no num_features; ICKD needs a timm CNN")
+        raise ConfigError(f"{type(model).__name__} has no num_features; ICKD needs a timm CNN "
+                          f"(model.name, method.teacher)")
     return channels
 
 
@@ -139,8 +144,8 @@ def num_feature_maps(model: nn.Module) -> int:
     """How many maps ``forward_intermediates`` indexes (stem and stages): ``len(feature_info)``."""
     info = getattr(model, "feature_info", None)
     if not info:
-        raise ValueError(f"{type(model).__name__} has no feature_info; feature distillation "
-                         f"needs a timm model with forward_intermediates")
+        raise ConfigError(f"{type(model).__name__} has no feature_info; feature distillation "
+                          f"needs a timm model with forward_intermediates (model.name, method.teacher)")
     return len(info)
 
 
@@ -153,14 +158,14 @@ def _resolve_taps(model: nn.Module, taps: Sequence[FeatureTap]) -> list[FeatureT
             try:
                 model.get_submodule(tap)
             except AttributeError:
-                raise ValueError(f"feature tap {tap!r} is not a submodule of "
-                                 f"{type(model).__name__}") from None
+                raise ConfigError(f"feature tap {tap!r} (method.features) is not a submodule of "
+                                  f"{type(model).__name__}") from None
             resolved.append(tap)
         elif -n <= tap < n:
             resolved.append(tap % n)
         else:
-            raise ValueError(f"feature index {tap} is out of range for {type(model).__name__}, "
-                             f"which has {n} feature maps (indices {-n}..{n - 1})")
+            raise ConfigError(f"feature index {tap} (method.features) is out of range for "
+                              f"{type(model).__name__}, which has {n} feature maps (indices {-n}..{n - 1})")
     return resolved
 
 
@@ -177,7 +182,7 @@ def forward_with_maps(model: nn.Module, x: torch.Tensor, taps: Sequence[FeatureT
     def capture(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not isinstance(output, torch.Tensor):
-                raise ValueError(f"feature tap {name!r} returns {type(output).__name__}, not a tensor")
+                raise ConfigError(f"feature tap {name!r} returns {type(output).__name__}, not a tensor")
             captured[name] = output
         return hook
 

@@ -10,12 +10,15 @@ the bins and the curve behind ECE and AURC, shared with the report's figures.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from skd.errors import DataError, MissingFileError
 
 __all__ = ["topk_accuracy", "nll", "ece", "aurc", "eaurc", "classification_metrics",
            "SampleStats", "sample_stats", "sample_stats_from_log_probs", "summarize",
@@ -196,12 +199,24 @@ class Predictions:
 
     @classmethod
     def load(cls, path: str | Path) -> Predictions:
-        with np.load(path) as data:
-            missing = [k for k in (*cls.FIELDS, "num_corrupt") if k not in data]
-            if missing:
-                raise ValueError(f"{path}: not a predictions file (no {', '.join(missing)})")
-            return cls(**{k: data[k] for k in cls.FIELDS}, num_corrupt=int(data["num_corrupt"]),
-                       probs=data["probs"] if "probs" in data else None)
+        """Read a predictions file (never unpickling); a missing, damaged or foreign file is an
+        ``SkdError`` naming it."""
+        if not Path(path).is_file():
+            raise MissingFileError(f"predictions file {path} does not exist")
+        try:
+            data = np.load(path, allow_pickle=False)
+            if isinstance(data, np.lib.npyio.NpzFile):
+                with data:
+                    arrays = {k: data[k] for k in data.files}
+            else:  # a bare .npy array
+                arrays = {}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # numpy's for a damaged file
+            raise DataError(f"{path}: not a readable predictions file ({type(e).__name__}: {e})") from None
+        missing = [k for k in (*cls.FIELDS, "num_corrupt") if k not in arrays]
+        if missing:
+            raise DataError(f"{path}: not a predictions file (no {', '.join(missing)})")
+        return cls(**{k: arrays[k] for k in cls.FIELDS}, num_corrupt=int(arrays["num_corrupt"]),
+                   probs=arrays.get("probs"))
 
 
 def _float32(a: np.ndarray) -> torch.Tensor:

@@ -4,7 +4,7 @@ is written.
 - A new run (no ``resume``) into a directory that already holds checkpoints is refused: pruning
   and ``resume=auto`` would otherwise mix two experiments.
 - ``resume=auto`` takes the newest checkpoint that loads; a damaged newer one is reported and
-  skipped.
+  moved into ``checkpoints/damaged/``, so that neither pruning nor the next resume trips on it.
 - The resumed checkpoint's config is compared with the new one: any difference in what defines
   the experiment (model, method, data, seed, schedule, ...) stops the resume with every
   difference listed, unless ``resume_allow_changes`` names it. The number of processes, loader
@@ -18,8 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from skd.checkpoint import CHECKPOINT_DIR, FORMATS, list_checkpoints, load_checkpoint, read_run_id
-from skd.config import ConfigError, TrainConfig, config_to_dict, flat_fields, in_sections
+from skd.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint, read_run_id, set_aside
+from skd.config import TrainConfig, config_to_dict, flat_fields, in_sections
+from skd.errors import CheckpointError, ConfigError
 
 __all__ = ["check_output_dir", "select_checkpoint", "check_resume_config", "OPERATIONAL_KEYS"]
 
@@ -62,8 +63,10 @@ def select_checkpoint(run_dir: Path, resume: str) -> tuple[Path | None, dict[str
     """The checkpoint to resume and its loaded state; ``(None, None)`` for a fresh start.
 
     ``resume`` empty: a fresh run, refused if ``run_dir`` already holds checkpoints. ``auto``:
-    the newest checkpoint in ``run_dir`` that loads (damaged newer ones are warned about and
-    skipped); none at all is a fresh start. Otherwise a checkpoint path, which must load.
+    the newest checkpoint in ``run_dir`` that loads; newer ones that do not are moved into
+    ``checkpoints/damaged/`` (with their per-rank parts) and named in a warning. None at all is a
+    fresh start; none that loads is an error, and nothing is moved. Otherwise a checkpoint path,
+    which must load. Runs on the main process only: it alone moves files.
     """
     found = list_checkpoints(run_dir)
     if not resume:
@@ -76,33 +79,28 @@ def select_checkpoint(run_dir: Path, resume: str) -> tuple[Path | None, dict[str
         if not path.is_file():
             raise ConfigError(f"config key 'resume' = {resume!r}: no such checkpoint file")
         try:
-            state = _load(path)
-        except Exception as e:  # noqa: BLE001  a damaged file raises zip, pickle or EOF errors
-            raise ConfigError(f"config key 'resume' = {resume!r}: the checkpoint does not load "
-                              f"({type(e).__name__}: {_first_line(e)})") from None
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            raise ConfigError(f"config key 'resume' = {resume!r}: {e}") from None
         others = [p for p in found if read_run_id(p) != state.get("run_id")]
         if others:  # its saves would replace files of the run that owns run_dir
             raise ConfigError(f"output_dir {run_dir} holds checkpoints of another run ({others[-1].name}) than "
                               f"resume={resume}; continue that one with resume=auto, or choose another output_dir")
         return path, state
+    damaged: list[tuple[Path, CheckpointError]] = []
     for path in reversed(found):
         try:
-            return path, _load(path)
-        except Exception as e:  # noqa: BLE001
-            _log.warning("resume=auto: checkpoint %s is damaged (%s: %s); trying the one before it",
-                         path, type(e).__name__, _first_line(e))
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            damaged.append((path, e))
+            continue
+        for bad, error in damaged:
+            _log.warning("resume=auto: %s; moved it to %s and resuming from %s", error, set_aside(bad), path.name)
+        return path, state
     if found:
-        raise ConfigError(f"resume=auto: none of the {len(found)} checkpoints in {run_dir / CHECKPOINT_DIR} loads")
+        raise ConfigError(f"resume=auto: none of the {len(found)} checkpoints in {run_dir / CHECKPOINT_DIR} "
+                          f"loads; the newest: {damaged[0][1]}")
     return None, None
-
-
-def _load(path: Path) -> dict[str, Any]:
-    """A checkpoint written by skd (``ValueError`` for any other torch file)."""
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or state.get("format") not in FORMATS:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"not an skd checkpoint (format {found!r}; expected one of {', '.join(FORMATS)})")
-    return state
 
 
 def check_resume_config(state: dict[str, Any], cfg: TrainConfig) -> None:
@@ -120,7 +118,3 @@ def check_resume_config(state: dict[str, Any], cfg: TrainConfig) -> None:
         raise ConfigError(f"resume: the config differs from the checkpoint's in {lines}. Resume with the "
                           f"checkpoint's values, or list the keys you mean to change in "
                           f"resume_allow_changes (e.g. resume_allow_changes=[{changed[0]}])")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]

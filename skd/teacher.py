@@ -1,8 +1,8 @@
 """Loading frozen teachers (KD, NKD, ICKD, TF-KD_self; see ``skd.methods.teacher``).
 
-A teacher is any ``timm.create_model`` name (skd's CIFAR nets included) plus a local checkpoint:
-a safetensors file, or a torch file read with ``weights_only=True`` (never unpickled code). The
-checkpoint may be
+A teacher is any ``timm.create_model`` name (skd's CIFAR nets included; a run checks it with
+``skd.environment.check_environment``) plus a local checkpoint: a safetensors file, or a torch
+file read with ``weights_only=True`` (never unpickled code; ``skd.weights``). The checkpoint may be
 
 - an skd run checkpoint (``checkpoints/step-*.pt``: the student is ``state["method"]`` under the
   ``model.`` prefix) or an skd export (``model.safetensors``),
@@ -28,68 +28,26 @@ from torch import nn
 
 import skd.models  # noqa: F401  registers the CIFAR architectures with timm
 from skd.convert import CHECKPOINT_FORMATS, mmcls_to_timm
+from skd.errors import SkdError
+from skd.weights import WEIGHTS_EXPECTED, load_state_dict_file, load_weights, read_torch_file
 
 __all__ = ["load_teacher", "load_state_dict_file", "safetensors_metadata", "training_statistics"]
-
-_WRAPPER_KEYS = ("state_dict", "model", "net", "module")
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model ``state_dict`` inside a checkpoint file (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as e:  # noqa: BLE001  (safetensors raises several error types)
-            raise ValueError(f"teacher checkpoint {path} is not a valid safetensors file: {e}") from e
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001  (unpickling errors have many types)
-            raise ValueError(f"teacher checkpoint {path} cannot be loaded with "
-                             f"torch.load(weights_only=True): {e}") from e
-    return _unwrap(state, path)
-
-
-def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:
-    if not isinstance(state, dict):
-        raise ValueError(f"teacher checkpoint {path} holds a {type(state).__name__}, not a state_dict")
-    if isinstance(state.get("method"), dict):  # skd run checkpoint: the student is "model.*"
-        state = {k.removeprefix("model."): v for k, v in state["method"].items()
-                 if k.startswith("model.")}
-    else:
-        for key in _WRAPPER_KEYS:
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    tensors = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError(f"teacher checkpoint {path} contains no tensors "
-                         f"(top-level keys: {sorted(state)[:8]})")
-    return tensors
 
 
 def load_teacher(name: str, checkpoint: str | Path, num_classes: int, *,
                  checkpoint_format: str = "timm", **kwargs: Any) -> nn.Module:
     """Build the timm model ``name`` with ``num_classes`` outputs, load ``checkpoint`` (names in
-    ``checkpoint_format``: ``timm`` or ``mmcls``) strictly, and freeze it (eval mode, no gradients)."""
-    if not timm.is_model(name):
-        raise ValueError(f"teacher {name!r} is not a timm model (see timm.list_models())")
+    ``checkpoint_format``: ``timm`` or ``mmcls``) strictly, and freeze it (eval mode, no gradients).
+    A missing, unreadable or ill-fitting checkpoint is an ``SkdError`` naming the file."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"teacher checkpoint format {checkpoint_format!r} is not one of "
                          f"{CHECKPOINT_FORMATS}")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    state = load_state_dict_file(checkpoint)
+    state = load_state_dict_file(checkpoint, "teacher checkpoint")
     if checkpoint_format == "mmcls":
         state = mmcls_to_timm(state, model, source=str(checkpoint))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"teacher checkpoint {checkpoint} does not fit teacher model {name!r} "
-                         f"with {num_classes} classes: {e}") from e
+    load_weights(model, state, f"teacher checkpoint {checkpoint}",
+                 f"teacher model {name!r} with {num_classes} classes")
     model.eval()
     model.requires_grad_(False)
     return model
@@ -128,8 +86,8 @@ def training_statistics(path: str | Path) -> dict[str, Any] | None:
             data = _config_data(yaml.safe_load((path.parent / "config.yaml").read_text()))
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001  as above
+            state = read_torch_file(path, "teacher weights", WEIGHTS_EXPECTED, mmap=True)
+        except SkdError:  # reported when its tensors are loaded
             state = None
         if isinstance(state, dict) and isinstance(state.get("config"), dict) and isinstance(state.get("method"), dict):
             data = _config_data(state["config"])

@@ -37,11 +37,12 @@ from skd.checkpoint import (BEST_NAME, CHECKPOINT_FORMAT, LAST_GOOD_NAME, Checkp
                             checkpoint_path, keep_as, latest_checkpoint, load_checkpoint, load_parts, rng_state,
                             save_checkpoint, save_part, set_rng_state)
 from skd.config import ConfigError, TrainConfig, config_to_dict, flat_dict, load_config, save_config
-from skd.config_docs import format_config_keys
-from skd.data import CorruptDataError, DatasetInfo, ShardFormatError, resolve_shard_dir
+from skd.config_docs import format_config_keys, format_defaults_note
+from skd.data import CorruptDataError, DatasetInfo, resolve_shard_dir
 from skd.data.epoch_plan import derive_seed
 from skd.data.factory import create_data_loader
-from skd.errors import SkdError, one_line
+from skd.environment import check_environment
+from skd.errors import MissingFileError, SkdError, one_line, run_command
 from skd.evaluate import evaluate, format_table, predict
 from skd.metrics import Predictions
 from skd.methods import DataSpec, get_method_class
@@ -72,6 +73,7 @@ class RankFailed(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
+        check_environment(cfg)
         self.cfg = cfg
         cpu = not torch.cuda.is_available()
         precision = ("no" if cpu else "bf16") if cfg.precision == "auto" else cfg.precision
@@ -166,7 +168,7 @@ class Trainer:
         def resolve() -> tuple[Path, Path]:
             return (resolve_shard_dir(cfg.data.train, "train", "data.train"),
                     resolve_shard_dir(cfg.data.val, "val", "data.val"))
-        self._on_all_ranks_or_none(resolve, main_only=True, error=FileNotFoundError)
+        self._on_all_ranks_or_none(resolve, main_only=True, error=MissingFileError)
         train_dir, val_dir = resolve()
         common = dict(rank=acc.process_index, world_size=world, device=acc.device,
                       channels_last=cfg.model.channels_last)
@@ -407,8 +409,8 @@ class Trainer:
             self.unwrapped.load_trainable_state_dict(state["method"])
             if state.get("rank_parts"):  # a sharded state, re-sharded for this run's processes
                 self.unwrapped.load_rank_states(load_parts(path, state["rank_parts"]))
-        except (RuntimeError, ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"checkpoint {path} does not fit this run: {str(e).splitlines()[0]}") from None
+        except SkdError as e:  # a method state or memory part of another shape, a missing part
+            raise ConfigError(f"checkpoint {path} does not fit this run: {one_line(e)}") from None
         # The optimizer's buffers (momentum, Adam moments) continue; its hyper-parameters come from
         # this run's config, as does the lr schedule (timm's schedulers are functions of the epoch
         # and step, so their saved state is not needed): a resume that changes `epochs` or
@@ -737,42 +739,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return Trainer(cfg).fit()
 
 
-def _one_line(e: BaseException) -> str:
-    """The message of ``e``; for an error re-raised from a DataLoader worker (whose message holds
-    the worker's traceback) only the original error's own line."""
-    text = str(e).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="skd train", description="Train a timm model with a (self-)distillation method. "
         "Without --config, runs the embedded demo (PS-KD on the scikit-learn digits, CPU-sized).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override any as key=value; `skd config ...` prints the resolved config):\n"
-               + format_config_keys())
+        epilog="config keys (override any as key=value; `skd config ...` prints the resolved config)\n\n"
+               + format_defaults_note() + "\n\n" + format_config_keys())
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, nested with dots, e.g. data.batch_size=256 epochs=90")
     args = parser.parse_intermixed_args(argv)  # --config may come after overrides
-    try:
-        cfg = load_config(args.config, args.overrides)
+
+    def run() -> int:
         try:
-            trainer = Trainer(cfg)
-        except ValueError as e:  # data, teacher or method files rejected while building
-            raise ConfigError(str(e)) from e
-        trainer.fit()
-    except (ConfigError, FileNotFoundError, ShardFormatError, CorruptDataError) as e:
-        # Bad input: a config value, a missing or damaged file, data outside its contract.
-        print(f"skd train: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except (NonFiniteLoss, CheckpointWriteError) as e:
-        print(f"skd train: error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except StopRequested as e:
-        print(f"skd train: stopped by {e}; checkpoint written, continue with resume=auto",
-              file=sys.stderr)
-        return 128 + e.signum
-    return 0
+            Trainer(load_config(args.config, args.overrides)).fit()
+        except StopRequested as e:
+            print(f"skd train: stopped by {e}; checkpoint written, continue with resume=auto",
+                  file=sys.stderr)
+            return 128 + e.signum
+        return 0
+
+    return run_command("skd train", run)

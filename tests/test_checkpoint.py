@@ -7,13 +7,15 @@ import textwrap
 import numpy as np
 import torch
 
-from skd.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
-                            rng_state, save_checkpoint, set_rng_state)
+from skd.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, latest_checkpoint, list_checkpoints,
+                            load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+
+SKD = {"format": CHECKPOINT_FORMAT}
 
 
 def test_save_load_round_trip_and_keep(tmp_path):
     for step in (1, 2, 3):
-        save_checkpoint({"step": step, "w": torch.full((3,), float(step))},
+        save_checkpoint({**SKD, "step": step, "w": torch.full((3,), float(step))},
                         checkpoint_path(tmp_path, step), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000002.pt", "step-000000003.pt"]
     state = load_checkpoint(latest_checkpoint(tmp_path))
@@ -21,7 +23,7 @@ def test_save_load_round_trip_and_keep(tmp_path):
 
 
 def test_kill_during_write_leaves_only_complete_checkpoints(tmp_path):
-    save_checkpoint({"step": 1, "w": torch.ones(4)}, checkpoint_path(tmp_path, 1))
+    save_checkpoint({**SKD, "step": 1, "w": torch.ones(4)}, checkpoint_path(tmp_path, 1))
     # A child process starts writing step 2 and is SIGKILLed half-way through the write.
     child = textwrap.dedent(f"""
         import os, signal, torch
@@ -48,7 +50,7 @@ def test_kill_during_write_leaves_only_complete_checkpoints(tmp_path):
 
 def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    save_checkpoint({"rng": rng_state()}, tmp_path / "r.pt")
+    save_checkpoint({**SKD, "rng": rng_state()}, tmp_path / "r.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])

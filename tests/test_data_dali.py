@@ -13,6 +13,7 @@ import torch
 
 from skd.bench.loader import synthetic_jpeg, write_synthetic_shards
 from skd.config import ConfigError, DataConfig, build_config, load_config, parse_overrides
+from skd.environment import check_environment
 from skd.data import SampleIndex, ShardSetWriter, digits_shards
 from skd.data.factory import create_data_loader
 
@@ -181,8 +182,11 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 
 # --------------------------------------------------------------------------------- errors
 def test_config_errors_name_the_key_and_the_fix(monkeypatch):
+    def run_config(*overrides: str) -> None:  # what a run checks when it starts
+        check_environment(build_config(parse_overrides(["data.backend=dali", "data.dali_device=cpu", *overrides])))
+
     with pytest.raises(ConfigError, match="data.auto_augment.*data.backend=torch"):
-        data_config("data.auto_augment=rand-m9-mstd0.5")
+        run_config("data.auto_augment=rand-m9-mstd0.5")
     with pytest.raises(ConfigError, match="data.dali_device.*one of gpu, cpu"):
         data_config("data.dali_device=auto")
     import skd.data.dali_loader as dali_loader
@@ -190,7 +194,7 @@ def test_config_errors_name_the_key_and_the_fix(monkeypatch):
     monkeypatch.setattr(dali_loader.importlib.util, "find_spec",
                         lambda name, *a: None if name == "nvidia.dali" else real(name, *a))
     with pytest.raises(ConfigError, match=r"not installed; pip install 'skd\[dali\]'"):
-        data_config()
+        run_config()
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # an import of it now fails
     with pytest.raises(ImportError, match=r"pip install 'skd\[dali\]'"):
         dali_loader.import_dali()

@@ -179,7 +179,7 @@ def test_resume_from_a_file_into_another_runs_directory_or_of_a_foreign_file_is_
     plain = tmp_path / "plain.pt"
     torch.save({"conv1.weight": torch.zeros(1)}, plain)
     assert train_main(FAST + ["epochs=1", f"output_dir={tmp_path}/new", f"resume={plain}"]) == 2
-    assert "the checkpoint does not load (ValueError: not an skd checkpoint" in _error_line(capsys)
+    assert f"config key 'resume' = '{plain}': checkpoint {plain} is not an skd checkpoint" in _error_line(capsys)
 
 
 def test_resume_from_the_best_epochs_checkpoint_restores_a_best_pt_lost_to_a_kill(finished_run, tmp_path):
@@ -206,16 +206,27 @@ def test_mid_epoch_resume_with_another_batch_and_workers_continues_the_epoch(fin
     assert load_checkpoint(list_checkpoints(run)[-2])["loader"]["epoch"] == 1
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_one_before(finished_run, tmp_path, caplog):
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before_and_is_moved_aside(finished_run, tmp_path, caplog):
     run = _copy(finished_run, tmp_path, 45)
     newest = list_checkpoints(run)[-1]
     assert newest.name == "step-000000045.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    parts = [newest.with_name(f"{newest.name}.rank-{r:05d}-of-00002") for r in range(2)]
+    for part in parts:  # as a sharded state leaves them
+        part.write_bytes(b"part")
     (run / "metrics.json").unlink()
     with caplog.at_level(logging.WARNING, logger="skd.resume"):
         assert train_main(FAST + ["epochs=2", f"output_dir={run}", "resume=auto"]) == 0
-    assert "step-000000045.pt is damaged" in caplog.text and "trying the one before it" in caplog.text
+    damaged = run / "checkpoints" / "damaged"
+    assert f"checkpoint {newest} does not load: it is damaged" in caplog.text
+    assert f"moved it to {damaged / newest.name} and resuming from step-000000040.pt" in caplog.text
+    assert sorted(p.name for p in damaged.iterdir()) == sorted([newest.name] + [p.name for p in parts])
     assert json.loads((run / "metrics.json").read_text()) == json.loads((finished_run / "metrics.json").read_text())
+    # The next resume (a finished run: it only evaluates) no longer meets it.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="skd.resume"):
+        assert train_main(FAST + ["epochs=2", f"output_dir={run}", "resume=auto"]) == 0
+    assert "damaged" not in caplog.text
 
 
 # ----------------------------------------------------------------------------- stop and corrupt data

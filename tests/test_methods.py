@@ -17,6 +17,7 @@ from timm.optim import create_optimizer_v2
 from skd import losses
 from skd.checkpoint import latest_checkpoint, load_checkpoint
 from skd.config import load_config
+from skd.environment import check_environment
 from skd.features import forward_with_pooled_feature
 from skd.methods import DataSpec, create_method, get_method_class, get_method_config_class, list_methods
 from skd.teacher import load_state_dict_file, load_teacher
@@ -296,8 +297,10 @@ def test_load_teacher_errors_name_the_file(tmp_path):
     torch.save({"args": argparse.Namespace(lr=0.1)}, pickled)  # not loadable with weights_only
     with pytest.raises(ValueError, match="pickled.pt"):
         load_state_dict_file(pickled)
-    with pytest.raises(ValueError, match="not a timm model"):
-        load_teacher("no_such_model", wrong, num_classes=10)
+    # The teacher's name is checked when a run starts, with timm's close names.
+    cfg = load_config(None, ["method.name=kd", "method.teacher=resnet8x4_cifr", f"method.teacher_checkpoint={wrong}"])
+    with pytest.raises(ValueError, match=r"'method.teacher' = 'resnet8x4_cifr': not a timm model \(did you mean resnet8x4_cifar"):
+        check_environment(cfg)
 
 
 def test_every_method_config_has_defaults():

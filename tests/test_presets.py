@@ -13,6 +13,7 @@ import torch
 
 import skd.models  # noqa: F401  registers the CIFAR nets with timm
 from skd.config import load_config, load_yaml
+from skd.environment import check_environment
 from skd.features import mid_feature_index, pooled_feature_channels
 from skd.methods import list_methods
 
@@ -36,6 +37,7 @@ def _build(name: str, kwargs: dict) -> torch.nn.Module:
 @pytest.mark.parametrize("path", PRESETS, ids=[str(p.relative_to(CONFIGS)) for p in PRESETS])
 def test_preset_loads_and_names_its_reference(path):
     cfg = load_config(path)  # strict: an unknown key or a wrong type raises
+    check_environment(cfg)  # model, teacher and optimizer names known to timm
     assert cfg.data.train == "" and cfg.data.val == "", "the user passes the shard directories"
     assert timm.is_model(cfg.model.name), cfg.model.name
     _build(cfg.model.name, cfg.model.kwargs)  # the model kwargs are ones timm accepts

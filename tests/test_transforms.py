@@ -8,6 +8,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
 from skd.config import ConfigError, build_config, load_config, parse_overrides
+from skd.environment import check_environment
 from skd.transforms import PCALighting, create_train_transform
 
 # PS-KD utils/custom_transform.py / loader/custom_dataloader.py, pycls datasets/transforms.py
@@ -58,7 +59,7 @@ def test_random_erasing_mode_reaches_timm():
 
 
 def test_dali_refuses_pca_lighting():
-    pytest.importorskip("nvidia.dali")  # without DALI the config stops earlier, at "not installed"
+    pytest.importorskip("nvidia.dali")  # without DALI the run stops earlier, at "not installed"
     overrides = ["data.backend=dali", "data.dali_device=cpu", "data.pca_lighting=0.1"]
     with pytest.raises(ConfigError, match="data.pca_lighting.*use data.backend=torch"):
-        build_config(parse_overrides(overrides))
+        check_environment(build_config(parse_overrides(overrides)))

@@ -835,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--out", type=Path, required=True,
                         help="directory for gpu_check.json, gpu_check.md and the pytest log")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), metavar="STAGE",
+                        help=f"stages to run, of {', '.join(STAGES)} (default: all)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes on the CPU, kernels in the Triton interpreter: checks "
                              "this script, measures nothing")

@@ -254,17 +254,31 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}, {datetime.now():%Y-%m-%d}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m skd.bench loader", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated, of " + ", ".join(BACKENDS))
-    parser.add_argument("--num-images", type=int, default=1200)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--feed-model", default=None, help="also feed training steps of this timm model")
-    parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "skd" / "bench-loader")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="loaders to measure, comma-separated, of " + ", ".join(BACKENDS) + " (default: all)")
+    parser.add_argument("--num-images", type=int, default=1200,
+                        help="synthetic JPEGs in the shards, one epoch of them measured (default 1200)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--num-workers", type=int, default=2,
+                        help="DataLoader / WebLoader processes of torch and webdataset, DALI threads of the "
+                             "dali backends (default 2)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu: DALI's CPU pipeline; cuda: its GPU decoder, and the fed model on the GPU "
+                             "(default: cuda when a GPU is visible)")
+    parser.add_argument("--feed-model", default=None, metavar="TIMM_NAME",
+                        help="also feed training steps of this timm model, beside a synthetic-batch ceiling row")
+    parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "skd" / "bench-loader",
+                        help="where the synthetic shards are written once and reused "
+                             "(default ~/.cache/skd/bench-loader)")
     parser.add_argument("--smoke", action="store_true", help="tiny images, to check the code paths")
-    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
     unknown = sorted(set(backends) - set(BACKENDS))

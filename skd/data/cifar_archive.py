@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from skd.data.shard_writer import RawImage, SplitListing
+from skd.errors import DataError
 
 __all__ = ["is_cifar_binary_folder", "list_cifar_binary"]
 
@@ -93,8 +94,8 @@ def _read_members(path: Path) -> dict[str, bytes]:
                     found[base] = tar.extractfile(member).read() if base in wanted else b""
     except (tarfile.TarError, OSError, EOFError) as e:
         why = "not a tar archive" if isinstance(e, tarfile.ReadError) else f"unreadable ({e})"
-        raise ValueError(f"{path}: {why}; skd shard reads image folders, TinyImageNet's folder and "
-                         "the CIFAR-10/100 binary archives") from None
+        raise DataError(f"{path}: {why}; skd shard reads image folders, TinyImageNet's folder and "
+                        "the CIFAR-10/100 binary archives") from None
     return found
 
 
@@ -105,17 +106,17 @@ def list_cifar_binary(path: str | Path) -> list[SplitListing]:
     layout = _layout_of(set(members))
     if layout is None:
         if _is_pickle_version(set(members)):
-            raise ValueError(f"{path} is the python (pickle) version of CIFAR, which skd never unpickles; "
-                             "use the binary version (cifar-10-binary.tar.gz / cifar-100-binary.tar.gz)")
-        raise ValueError(f"{path}: not a CIFAR-10/100 binary archive (no data_batch_1.bin or train.bin)")
+            raise DataError(f"{path} is the python (pickle) version of CIFAR, which skd never unpickles; "
+                            "use the binary version (cifar-10-binary.tar.gz / cifar-100-binary.tar.gz)")
+        raise DataError(f"{path}: not a CIFAR-10/100 binary archive (no data_batch_1.bin or train.bin)")
     missing = [m for m in layout.members if m not in members]
     if missing:
-        raise ValueError(f"{path}: {layout.name} binary archive without {missing[0]}")
+        raise DataError(f"{path}: {layout.name} binary archive without {missing[0]}")
     class_names = [line.strip() for line in members[layout.names_file].decode("utf-8").splitlines()
                    if line.strip()]
     if len(class_names) != layout.num_classes:
-        raise ValueError(f"{path}:{layout.names_file}: {len(class_names)} class names, "
-                         f"expected {layout.num_classes}")
+        raise DataError(f"{path}:{layout.names_file}: {len(class_names)} class names, "
+                        f"expected {layout.num_classes}")
     listings = []
     for split, files in layout.splits.items():
         items: list = []
@@ -127,14 +128,14 @@ def list_cifar_binary(path: str | Path) -> list[SplitListing]:
 
 def _records(data: bytes, layout: _Layout, source: str) -> list[tuple[RawImage, int]]:
     if len(data) % layout.record_size:
-        raise ValueError(f"{source}: {len(data)} bytes is not a whole number of "
-                         f"{layout.record_size}-byte records")
+        raise DataError(f"{source}: {len(data)} bytes is not a whole number of "
+                        f"{layout.record_size}-byte records")
     records = np.frombuffer(data, np.uint8).reshape(-1, layout.record_size)
     labels = records[:, layout.label_index].astype(np.int64)
     bad = np.flatnonzero(labels >= layout.num_classes)
     if bad.size:
-        raise ValueError(f"{source}: record {bad[0]} has label {labels[bad[0]]}, outside "
-                         f"[0, {layout.num_classes})")
+        raise DataError(f"{source}: record {bad[0]} has label {labels[bad[0]]}, outside "
+                        f"[0, {layout.num_classes})")
     # planes [N, 3, 32, 32] → images [N, 32, 32, 3]: views of the archive's bytes, no copy
     pixels = records[:, layout.label_bytes:].reshape(-1, 3, _SIDE, _SIDE).transpose(0, 2, 3, 1)
     return [(RawImage(f"{source}[{i}]", pixels[i]), int(label)) for i, label in enumerate(labels)]

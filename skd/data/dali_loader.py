@@ -44,6 +44,7 @@ import torch
 
 from skd.batch import Batch
 from skd.data.loader import ShardLoader, create_loader
+from skd.errors import ConfigError
 
 _log = logging.getLogger("skd.data")
 
@@ -69,21 +70,22 @@ NUM_PARAMS = 9
 
 
 # ---------------------------------------------------------------------------------- checks
-def check_dali_config(cfg: Any) -> None:
-    """Raise ``ValueError`` naming the config key when ``data.backend=dali`` cannot run: DALI is
-    not installed, a GPU pipeline is asked for without a GPU, or an augmentation DALI's pipeline
-    lacks is set. Imports no DALI (``DataConfig`` calls it while a config is built)."""
+def check_dali_config(cfg: Any, *, training: bool = True) -> None:
+    """Raise ``ConfigError`` naming the config key when ``data.backend=dali`` cannot run here: DALI
+    is not installed, a GPU pipeline is asked for without a GPU, or (``training``) an augmentation
+    DALI's pipeline lacks is set. Imports no DALI (``skd.environment.check_environment`` calls it
+    before anything else of a run)."""
     if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
-        raise ValueError(f"config key 'data.backend' = 'dali': NVIDIA DALI is not installed; "
-                         f"{INSTALL_HINT} (Linux x86_64 or aarch64)")
+        raise ConfigError(f"config key 'data.backend' = 'dali': NVIDIA DALI is not installed; "
+                          f"{INSTALL_HINT} (Linux x86_64 or aarch64), or use data.backend=torch")
     if cfg.dali_device == "gpu" and not torch.cuda.is_available():
-        raise ValueError("config key 'data.dali_device' = 'gpu': this process sees no CUDA GPU; set "
-                         "data.dali_device=cpu (DALI's CPU pipeline) or data.backend=torch")
-    for key in UNSUPPORTED:
+        raise ConfigError("config key 'data.dali_device' = 'gpu': this process sees no CUDA GPU; set "
+                          "data.dali_device=cpu (DALI's CPU pipeline) or data.backend=torch")
+    for key in UNSUPPORTED if training else ():
         value = getattr(cfg, key)
         if value:
-            raise ValueError(f"config key 'data.{key}' = {value!r}: not available with data.backend=dali "
-                             f"(crops, flips, rotation and normalisation only); use data.backend=torch")
+            raise ConfigError(f"config key 'data.{key}' = {value!r}: not available with data.backend=dali "
+                              f"(crops, flips, rotation and normalisation only); use data.backend=torch")
 
 
 def import_dali() -> Any:

@@ -33,7 +33,7 @@ from skd.data.dataset_info import DatasetInfo
 from skd.data.epoch_plan import AUGMENT, PARTNER, WORKERS, EpochPlan, derive_seed, plan_epoch
 from skd.data.partners import PartnerSampler
 from skd.data.sample_index import SampleIndex, ShardFormatError, check_not_truncated
-from skd.errors import DataError
+from skd.errors import ConfigError, DataError, MissingFileError
 
 _log = logging.getLogger("skd.data")
 
@@ -305,7 +305,8 @@ def _check_shard_sizes(directory: Path, info: DatasetInfo, index: SampleIndex) -
     ends = np.asarray(index["image_offset"], dtype=np.int64) + np.asarray(index["image_size"], dtype=np.int64)
     offsets = info.shard_offsets
     for k, shard in enumerate(info.shards):
-        check_not_truncated(shard.name, ends[offsets[k]:offsets[k + 1]], (directory / shard.name).stat().st_size)
+        path = directory / shard.name
+        check_not_truncated(str(path), ends[offsets[k]:offsets[k + 1]], path.stat().st_size)
 
 
 def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transform: Callable,
@@ -338,10 +339,10 @@ def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transf
     missing = [s.name for s in info.shards if not (directory / s.name).is_file()]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise FileNotFoundError(f"{directory / 'dataset.json'} lists shards that do not exist: "
-                                f"{', '.join(missing[:5])}{more}")
+        raise MissingFileError(f"{directory / 'dataset.json'} lists shards that do not exist: "
+                               f"{', '.join(missing[:5])}{more}")
     if info.num_samples == 0:
-        raise ValueError(f"{directory / 'dataset.json'}: the dataset has no samples")
+        raise DataError(f"{directory / 'dataset.json'}: the dataset has no samples")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     index = SampleIndex.load(directory, info)
@@ -357,9 +358,9 @@ def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transf
         source.partners = PartnerSampler(labels, info.num_classes, exclude_self_pair)
     drop_last = drop_last and train
     if drop_last and info.num_samples < world_size * batch_size:
-        raise ValueError(f"data.drop_last=true: {info.num_samples} training samples in {directory} are fewer "
-                         f"than {world_size} process{'es' if world_size > 1 else ''} x {batch_size} per "
-                         f"process: every epoch would be empty")
+        raise ConfigError(f"data.drop_last=true: {info.num_samples} training samples in {directory} are fewer "
+                          f"than {world_size} process{'es' if world_size > 1 else ''} x {batch_size} per "
+                          f"process: every epoch would be empty")
     pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
     return ShardLoader(source, train=train, batch_size=batch_size, world_size=world_size, num_workers=num_workers,
                        drop_last=drop_last, window=shuffle_buffer if train else 0, pin_memory=pin_memory,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from skd.errors import DataError
+
 
 class PartnerSampler:
     """Per-class sample-id arrays built from the labels of all samples (``SampleIndex.labels``),
@@ -46,7 +48,7 @@ class PartnerSampler:
         counts = self.class_counts[labels]
         if (counts == 0).any():
             empty = sorted(set(labels[counts == 0].tolist()))
-            raise ValueError(f"no training samples of class(es) {empty} to draw a partner from")
+            raise DataError(f"no training samples of class(es) {empty} to draw a partner from")
         if not self.exclude_self:
             picks = generator.integers(0, counts)  # uniform in [0, n_c) per anchor
         else:

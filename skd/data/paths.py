@@ -5,6 +5,7 @@ from pathlib import Path
 
 from skd.data.dataset_info import DATASET_FILE
 from skd.data.digits import digits_shards
+from skd.errors import ConfigError, MissingFileError
 
 
 def resolve_shard_dir(value: str, split: str, key: str) -> Path:
@@ -13,9 +14,9 @@ def resolve_shard_dir(value: str, split: str, key: str) -> Path:
     if value == "digits":
         return digits_shards() / split
     if not value:
-        raise FileNotFoundError(f"config key '{key}' is not set: pass {key}=SHARD_DIR")
+        raise ConfigError(f"config key '{key}' is not set: pass {key}=SHARD_DIR")
     path = Path(value)
     if not (path / DATASET_FILE).is_file():
-        raise FileNotFoundError(f"config key '{key}' = {value!r}: no {DATASET_FILE} in {path} "
-                                f"(make shards with `skd shard` or index them with `skd shard --index-only`)")
+        raise MissingFileError(f"config key '{key}' = {value!r}: no {DATASET_FILE} in {path} "
+                               f"(make shards with `skd shard` or index them with `skd shard --index-only`)")
     return path

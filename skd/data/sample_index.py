@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from skd.data.dataset_info import DatasetInfo
-from skd.errors import DataError
+from skd.errors import DataError, MissingFileError
 
 INDEX_FILE = "samples.npz"
 EXT_NAMES = ("jpg", "png", "webp")
@@ -220,10 +220,10 @@ def index_shards(directory: str | Path, *, workers: int = 1, progress: bool = Tr
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory")
+        raise MissingFileError(f"{directory}: no such directory")
     names = sorted(p.name for p in directory.glob("*.tar") if p.is_file())
     if not names:
-        raise FileNotFoundError(f"{directory}: no *.tar shards to index")
+        raise MissingFileError(f"{directory}: no *.tar shards to index")
     jobs = [(str(directory / n), i) for i, n in enumerate(names)]
     from tqdm import tqdm
     bar = tqdm(total=len(jobs), desc=f"index {directory.name}", unit="shard", disable=not progress)
@@ -280,8 +280,8 @@ class SampleIndex:
         self.info = info if info is not None else DatasetInfo.load(self.directory)
         path = self.directory / INDEX_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing (the index of every sample); write it with "
-                                    f"`skd shard --index-only {self.directory}`")
+            raise MissingFileError(f"{path} is missing (the index of every sample); write it with "
+                                   f"`skd shard --index-only {self.directory}`")
         cols = _load_npz_mmap(path)
         missing = [k for k in INDEX_FIELDS if k not in cols]
         if missing:

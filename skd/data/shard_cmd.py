@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from skd.data.cifar_archive import is_cifar_binary_folder, list_cifar_binary
-from skd.data.shard_writer import (DEFAULT_MAX_PER_SHARD, ImageFolderError, SplitListing,
-                                   list_image_folder_splits, write_splits)
+from skd.data.shard_writer import DEFAULT_MAX_PER_SHARD, SplitListing, list_image_folder_splits, write_splits
 from skd.data.tinyimagenet import is_tinyimagenet, list_tinyimagenet
+from skd.errors import run_command
 
 EPILOG = """\
 inputs:
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be >= 1")
     if args.max_per_shard < 1:
         parser.error("--max-per-shard must be >= 1")
-    try:
+
+    def run() -> int:
         if args.index_only is not None:
             if args.input or args.out_dir:
                 parser.error("--index-only SHARD_DIR takes no INPUT / OUT_DIR")
@@ -98,23 +99,22 @@ def main(argv: list[str] | None = None) -> int:
                               max_side=args.max_side, quality=args.quality, workers=args.workers,
                               progress=progress, shuffle_seed=None if args.keep_order else args.seed,
                               name=Path(args.input).name)
-    except (ImageFolderError, FileNotFoundError, ValueError) as e:
-        print(f"skd shard: error: {e}", file=sys.stderr)
-        return 2
-    for split, info in report.splits.items():
-        where = os.path.join(args.out_dir, split) if split else args.out_dir
-        print(f"{split or 'data'}: {info.num_samples} samples, {info.num_classes} classes, "
-              f"{len(info.shards)} shards -> {where}")
-    if report.stale:
-        print(f"note: {len(report.stale)} other *.tar files in the output are not listed in dataset.json "
-              f"(left from an earlier run?), e.g. {report.stale[0]}")
-    if report.ignored:
-        print(f"ignored {report.ignored} files without an image extension")
-    if report.skipped:
-        print(f"skipped {len(report.skipped)} unreadable image files:")
-        for path, reason in report.skipped:
-            print(f"  {path}: {reason}")
-    return 0
+        for split, info in report.splits.items():
+            where = os.path.join(args.out_dir, split) if split else args.out_dir
+            print(f"{split or 'data'}: {info.num_samples} samples, {info.num_classes} classes, "
+                  f"{len(info.shards)} shards -> {where}")
+        if report.stale:
+            print(f"note: {len(report.stale)} other *.tar files in the output are not listed in dataset.json "
+                  f"(left from an earlier run?), e.g. {report.stale[0]}")
+        if report.ignored:
+            print(f"ignored {report.ignored} files without an image extension")
+        if report.skipped:
+            print(f"skipped {len(report.skipped)} unreadable image files:")
+            for path, reason in report.skipped:
+                print(f"  {path}: {reason}")
+        return 0
+
+    return run_command("skd shard", run)
 
 
 if __name__ == "__main__":

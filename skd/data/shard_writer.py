@@ -27,7 +27,7 @@ import numpy as np
 
 from skd.data.dataset_info import DATASET_FILE, DatasetInfo, ShardInfo
 from skd.data.sample_index import IMAGE_EXTS, INDEX_FIELDS, INDEX_FILE, write_index
-from skd.errors import DataError
+from skd.errors import ConfigError, DataError
 
 IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 """Files with these extensions (any case) are images; other files in class folders are ignored."""
@@ -418,9 +418,9 @@ def write_splits(listings: list[SplitListing], out_dir: str | Path, *,
     """
     out_dir = Path(out_dir)
     if quality is not None and not 1 <= quality <= 100:
-        raise ValueError(f"--quality must be in 1..100, got {quality}")
+        raise ConfigError(f"--quality must be in 1..100, got {quality}")
     if max_side is not None and max_side < 1:
-        raise ValueError(f"--max-side must be >= 1, got {max_side}")
+        raise ConfigError(f"--max-side must be >= 1, got {max_side}")
     report = ShardReport()
     for listing in listings:
         items = list(listing.items)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from skd.data.shard_writer import SplitListing, list_image_folder
+from skd.errors import DataError, MissingFileError
 
 __all__ = ["is_tinyimagenet", "list_tinyimagenet"]
 
@@ -27,7 +28,7 @@ def is_tinyimagenet(root: str | Path) -> bool:
 
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
-        raise ValueError(f"{path}: missing (TinyImageNet layout)")
+        raise MissingFileError(f"{path}: missing (TinyImageNet layout)")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -36,19 +37,19 @@ def list_tinyimagenet(root: str | Path) -> list[SplitListing]:
     root = Path(root)
     wnids = _lines(root / "wnids.txt")
     if len(set(wnids)) != len(wnids):
-        raise ValueError(f"{root / 'wnids.txt'}: a class id is listed twice")
+        raise DataError(f"{root / 'wnids.txt'}: a class id is listed twice")
     wnids.sort()
     words = dict(line.split("\t", 1) for line in _lines(root / "words.txt") if "\t" in line)
     unnamed = [w for w in wnids if w not in words]
     if unnamed:
-        raise ValueError(f"{root / 'words.txt'}: no entry for class {unnamed[0]}")
+        raise DataError(f"{root / 'words.txt'}: no entry for class {unnamed[0]}")
     class_names = [words[w].strip() for w in wnids]
 
     folders, train_items, ignored = list_image_folder(root / "train")
     if folders != wnids:
         extra, absent = sorted(set(folders) - set(wnids)), sorted(set(wnids) - set(folders))
-        raise ValueError(f"{root / 'train'}: class folders differ from wnids.txt: not listed "
-                         f"{extra[:5]}, without a folder {absent[:5]}")
+        raise DataError(f"{root / 'train'}: class folders differ from wnids.txt: not listed "
+                        f"{extra[:5]}, without a folder {absent[:5]}")
 
     label = {w: i for i, w in enumerate(wnids)}
     annotations = root / "val" / "val_annotations.txt"
@@ -56,21 +57,21 @@ def list_tinyimagenet(root: str | Path) -> list[SplitListing]:
     for n, line in enumerate(_lines(annotations), 1):
         fields = line.split("\t")
         if len(fields) < 2 or fields[1] not in label:
-            raise ValueError(f"{annotations}:{n}: expected 'FILE<TAB>WNID<TAB>...' with a wnid of "
-                             f"wnids.txt, got {line[:80]!r}")
+            raise DataError(f"{annotations}:{n}: expected 'FILE<TAB>WNID<TAB>...' with a wnid of "
+                            f"wnids.txt, got {line[:80]!r}")
         if fields[0] in val_labels:
-            raise ValueError(f"{annotations}:{n}: {fields[0]} is annotated twice")
+            raise DataError(f"{annotations}:{n}: {fields[0]} is annotated twice")
         val_labels[fields[0]] = label[fields[1]]
     images = root / "val" / "images"
     present = {p.name for p in images.iterdir() if p.is_file()} if images.is_dir() else set()
     absent = sorted(set(val_labels) - present)
     if absent:
-        raise ValueError(f"{annotations}: {absent[0]} is annotated but not in {images} "
-                         f"({len(absent)} missing)")
+        raise DataError(f"{annotations}: {absent[0]} is annotated but not in {images} "
+                        f"({len(absent)} missing)")
     unlabelled = sorted(name for name in present - set(val_labels) if not name.startswith("."))
     if unlabelled:
-        raise ValueError(f"{images / unlabelled[0]} has no line in {annotations} "
-                         f"({len(unlabelled)} unannotated)")
+        raise DataError(f"{images / unlabelled[0]} has no line in {annotations} "
+                        f"({len(unlabelled)} unannotated)")
     val_items = [(images / name, val_labels[name]) for name in sorted(val_labels)]
     return [SplitListing("train", class_names, train_items, ignored),
             SplitListing("val", class_names, val_items)]

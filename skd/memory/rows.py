@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from skd.errors import CheckpointError
+
 Fields = dict[str, tuple[int, torch.dtype]]
 """The rows of a memory: a name → (row width, dtype), e.g. ``{"table": (C, torch.float16)}``."""
 
@@ -50,12 +52,12 @@ def on_device(tensors: dict[str, torch.Tensor] | None, num_rows: int, fields: Fi
 def check_state(state: dict[str, torch.Tensor], fields: Fields, num_rows: int, what: str) -> None:
     """A clear error when saved rows do not match this memory's fields."""
     if set(state) != set(fields):
-        raise ValueError(f"{what} holds {sorted(state)}, expected {sorted(fields)}: saved with "
-                         f"another method.memory setting?")
+        raise CheckpointError(f"{what} holds {sorted(state)}, expected {sorted(fields)}: saved with "
+                              f"another method.memory setting?")
     for name, (width, _) in fields.items():
         if tuple(state[name].shape) != (num_rows, width):
-            raise ValueError(f"{what}: '{name}' has shape {tuple(state[name].shape)}, expected "
-                             f"{(num_rows, width)}")
+            raise CheckpointError(f"{what}: '{name}' has shape {tuple(state[name].shape)}, expected "
+                                  f"{(num_rows, width)}")
 
 
 def world() -> tuple[int, int]:

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from skd.errors import CheckpointError
 from skd.memory.rows import Fields, FetchedRows, check_state, last_write_wins, on_device, world
 
 
@@ -149,22 +150,22 @@ class ShardedRows(nn.Module):
         for i, part in enumerate(parts):
             rows = {k: v for k, v in part.items() if k not in _PART_META}
             if "row_start" not in part or not rows:
-                raise ValueError(f"saved part {i} holds no sharded memory rows (keys {sorted(part)})")
+                raise CheckpointError(f"saved part {i} holds no sharded memory rows (keys {sorted(part)})")
             length = next(iter(rows.values())).shape[0]
             check_state(rows, self.fields, length, f"saved memory part {i}")
             if int(part["num_samples"]) != self.num_samples:
-                raise ValueError(f"saved memory part {i} has {int(part['num_samples'])} rows in all, "
-                                 f"expected {self.num_samples}")
+                raise CheckpointError(f"saved memory part {i} has {int(part['num_samples'])} rows in all, "
+                                      f"expected {self.num_samples}")
             blocks.append((int(part["row_start"]), length, rows))
         blocks.sort(key=lambda block: block[0])
         end = 0
         for start, length, _ in blocks:
             if start != end:
-                raise ValueError(f"saved memory parts do not tile the {self.num_samples} rows: a part "
-                                 f"starts at row {start}, expected {end}")
+                raise CheckpointError(f"saved memory parts do not tile the {self.num_samples} rows: a part "
+                                      f"starts at row {start}, expected {end}")
             end += length
         if end != self.num_samples:
-            raise ValueError(f"saved memory parts cover rows [0, {end}), expected [0, {self.num_samples})")
+            raise CheckpointError(f"saved memory parts cover rows [0, {end}), expected [0, {self.num_samples})")
         tensors = self.tensors_on()
         for start, length, rows in blocks:
             lo, hi = max(start, self.start), min(start + length, self.stop)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from skd.batch import Batch
+from skd.errors import CheckpointError
 
 
 @dataclass
@@ -104,8 +105,8 @@ class Method(nn.Module):
         saved run, in rank order, for any number of ranks then and now. Tensors may be
         memory-mapped (``torch.load(mmap=True)``); implementations read only what they need."""
         if any(parts):
-            raise ValueError(f"method '{self.cfg.name}' keeps no per-rank state, but the checkpoint "
-                             f"holds per-rank parts {sorted(next(p for p in parts if p))[:5]}")
+            raise CheckpointError(f"method '{self.cfg.name}' keeps no per-rank state, but the checkpoint "
+                                  f"holds per-rank parts {sorted(next(p for p in parts if p))[:5]}")
 
     def add_frozen(self, name: str, module: nn.Module) -> nn.Module:
         """Hold ``module`` frozen (eval mode, no gradients) outside the module tree: it is not in
@@ -131,7 +132,11 @@ class Method(nn.Module):
         return self.state_dict()
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # torch's "size mismatch for ...": tensors of another shape
+            raise CheckpointError(f"checkpoint does not match method '{self.cfg.name}': "
+                                  f"{str(e).splitlines()[-1].strip()}") from None
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint does not match method '{self.cfg.name}': "
-                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(f"checkpoint does not match method '{self.cfg.name}': "
+                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -37,6 +37,7 @@ from torch import nn
 from skd import losses
 from skd.batch import Batch
 from skd.config_checks import bounded
+from skd.errors import DataError
 from skd.features import Features
 from skd.memory import SoftTargetMemory
 from skd.methods.base import DataSpec
@@ -65,7 +66,7 @@ class CRD(FeatureKD):
     def __init__(self, model: nn.Module, cfg: Config, data: DataSpec) -> None:
         super().__init__(model, cfg, data)
         if data.num_samples < 2:
-            raise ValueError(f"method 'crd' needs at least two training samples, got {data.num_samples}")
+            raise DataError(f"method 'crd' needs at least two training samples, got {data.num_samples}")
         self.embed_s = nn.Linear(self.student_dim, cfg.feat_dim)
         self.embed_t = nn.Linear(self.teacher_dim, cfg.feat_dim)
         self.num_negatives = min(cfg.nce_k, data.num_samples - 1)

@@ -16,6 +16,7 @@ from torch import nn
 from skd import losses
 from skd.batch import Batch
 from skd.config_checks import bounded
+from skd.errors import ConfigError
 from skd.features import FeatureTap, Features
 from skd.methods.base import DataSpec
 from skd.methods.feature_kd import FeatureKD, FeatureKDConfig
@@ -40,8 +41,8 @@ def make_regressor(student_shape: tuple[int, int, int],
     elif s_h >= t_h:
         conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
     else:
-        raise ValueError(f"FitNet: no regressor from a {s_h}x{s_w} student hint to a larger "
-                         f"{t_h}x{t_w} teacher hint (only half its size is supported)")
+        raise ConfigError(f"FitNet: no regressor from a {s_h}x{s_w} student hint to a larger "
+                          f"{t_h}x{t_w} teacher hint (only half its size is supported)")
     return nn.Sequential(conv, nn.BatchNorm2d(t_c), nn.ReLU(inplace=True))
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from skd import losses
 from skd.batch import Batch
 from skd.config_checks import bounded
+from skd.errors import ConfigError
 from skd.features import FeatureTap, Features, num_feature_maps
 from skd.methods.base import DataSpec
 from skd.methods.feature_kd import FeatureKD, FeatureKDConfig
@@ -55,16 +56,16 @@ class FSP(FeatureKD):
     def __init__(self, model: nn.Module, cfg: Config, data: DataSpec) -> None:
         super().__init__(model, cfg, data)
         if len(self.taps) < 2:
-            raise ValueError("method 'fsp' needs at least two maps in method.features")
+            raise ConfigError("method 'fsp' needs at least two maps in method.features")
         channels_s = [shape[0] for shape in self.student_shapes]
         channels_t = [shape[0] for shape in self.teacher_shapes]
         if channels_s != channels_t:
-            raise ValueError(f"method 'fsp' needs equal channel counts map by map, got student "
-                             f"{channels_s} and teacher {channels_t}")
+            raise ConfigError(f"method 'fsp' needs equal channel counts map by map, got student "
+                              f"{channels_s} and teacher {channels_t}")
         if cfg.init_epochs and dist.is_available() and dist.is_initialized() \
                 and dist.get_world_size() > 1:
-            raise ValueError("method 'fsp' with init_epochs > 0 trains on one process only: the "
-                             "classifier is idle during the init stage, which DDP rejects")
+            raise ConfigError("method 'fsp' with init_epochs > 0 trains on one process only: the "
+                              "classifier is idle during the init stage, which DDP rejects")
         self.init_stage = cfg.init_epochs > 0
 
     def feature_taps(self) -> list[FeatureTap]:

@@ -23,6 +23,7 @@ import torch
 import skd_kernels
 from skd.batch import Batch
 from skd.config_checks import bounded, one_of
+from skd.errors import ConfigError
 from skd.memory import ReplicatedRows, ShardedRows, SoftTargetMemory
 from skd.methods.base import DataSpec, Method, MethodConfig
 from skd.methods.registry import register_method
@@ -67,8 +68,8 @@ class PSKD(Method):
         dtype, N, C = _DTYPES[cfg.memory_dtype], data.num_samples, data.num_classes
         self.topk = cfg.memory in ("topk", "sharded_topk")
         if self.topk and cfg.memory_k > C:
-            raise ValueError(f"config key 'method.memory_k' = {cfg.memory_k}: must be at most the "
-                             f"number of classes, {C}")
+            raise ConfigError(f"config key 'method.memory_k' = {cfg.memory_k}: must be at most the "
+                              f"number of classes, {C}")
         fields = ({"values": (cfg.memory_k, dtype), "ids": (cfg.memory_k, torch.int32)}
                   if self.topk else {"table": (C, dtype)})
         if cfg.memory == "replicated":

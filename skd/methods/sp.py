@@ -14,6 +14,7 @@ import torch
 from skd import losses
 from skd.batch import Batch
 from skd.config_checks import bounded
+from skd.errors import ConfigError
 from skd.features import FeatureTap, Features
 from skd.methods.feature_kd import FeatureKD, FeatureKDConfig
 from skd.methods.registry import register_method
@@ -32,7 +33,7 @@ class SP(FeatureKD):
 
         def __post_init__(self) -> None:
             if not self.features:
-                raise ValueError("config key 'method.features' must name at least one map for 'sp'")
+                raise ConfigError("config key 'method.features' must name at least one map for 'sp'")
 
     def feature_taps(self) -> list[FeatureTap]:
         return self.cfg.features

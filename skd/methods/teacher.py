@@ -13,6 +13,7 @@ from torch import nn
 from skd import losses
 from skd.config_checks import bounded, one_of
 from skd.convert import CHECKPOINT_FORMATS
+from skd.errors import ConfigError
 from skd.methods.base import DataSpec, Method, MethodConfig
 from skd.teacher import load_teacher, training_statistics
 
@@ -55,8 +56,8 @@ def create_teacher(cfg: TeacherConfig, student: nn.Module, num_classes: int) -> 
     """The teacher described by a method config; ``cfg.teacher`` empty means the student's
     architecture (TF-KD_self's pre-trained same-architecture teacher)."""
     if not cfg.teacher_checkpoint:
-        raise ValueError(f"method '{cfg.name}' needs a teacher: set method.teacher_checkpoint "
-                         f"(a safetensors or torch file; e.g. the model.safetensors of a 'ce' run)")
+        raise ConfigError(f"method '{cfg.name}' needs a teacher: set method.teacher_checkpoint "
+                          f"(a safetensors or torch file; e.g. the model.safetensors of a 'ce' run)")
     name = cfg.teacher or _architecture(student)
     return load_teacher(name, cfg.teacher_checkpoint, num_classes,
                         checkpoint_format=cfg.teacher_format, **cfg.teacher_kwargs)
@@ -66,8 +67,8 @@ def _architecture(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("architecture")
     if not name:
-        raise ValueError("method.teacher is empty and the student's timm architecture is unknown; "
-                         "set method.teacher to a timm model name")
+        raise ConfigError("method.teacher is empty and the student's timm architecture is unknown; "
+                          "set method.teacher to a timm model name")
     return name
 
 
