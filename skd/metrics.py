@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from skd.errors import DataError, MissingFileError
+
 __all__ = ["topk_accuracy", "nll", "ece", "aurc", "eaurc", "classification_metrics",
            "SampleStats", "sample_stats", "sample_stats_from_log_probs", "summarize",
            "CalibrationBins", "calibration_bins", "risk_coverage", "Predictions"]
@@ -196,10 +198,18 @@ class Predictions:
 
     @classmethod
     def load(cls, path: str | Path) -> Predictions:
+        """Read a file written by ``save``: a run's ``predictions.npz`` or ``predictions_best.npz``,
+        or the ``--predictions`` file of ``skd eval``."""
+        path = Path(path)
+        if not path.is_file():
+            run = path.parent if (path.parent / "config.yaml").is_file() else "RUN_DIR"
+            raise MissingFileError(f"predictions file {path} does not exist: a run writes predictions.npz "
+                                   f"when it finishes, and `skd eval {run} --predictions {path}` writes "
+                                   f"one for any run, checkpoint or exported model")
         with np.load(path) as data:
             missing = [k for k in (*cls.FIELDS, "num_corrupt") if k not in data]
             if missing:
-                raise ValueError(f"{path}: not a predictions file (no {', '.join(missing)})")
+                raise DataError(f"{path}: not a predictions file (no {', '.join(missing)})")
             return cls(**{k: data[k] for k in cls.FIELDS}, num_corrupt=int(data["num_corrupt"]),
                        probs=data["probs"] if "probs" in data else None)
 

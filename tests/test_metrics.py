@@ -1,10 +1,13 @@
 """skd.metrics against hand-computed values (PS-KD conventions, docs/methods.md §8)."""
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 
 from skd import metrics
+from skd.errors import DataError, MissingFileError
 
 
 def _two_class(confs, correct):
@@ -62,3 +65,23 @@ def test_summary_from_logits_matches_probability_functions():
     assert from_logits["eaurc"] == pytest.approx(metrics.eaurc(probs, labels))
     assert from_logits["num_samples"] == 200
     assert metrics.classification_metrics(probs, labels) == pytest.approx(from_logits)
+
+
+def test_loading_a_missing_predictions_file_names_it_and_the_command_that_writes_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    missing = run / "predictions_best.npz"
+    with pytest.raises(MissingFileError, match=rf"predictions file {re.escape(str(missing))} does not exist.*"
+                                               rf"`skd eval {re.escape(str(run))} --predictions "
+                                               rf"{re.escape(str(missing))}`"):
+        metrics.Predictions.load(missing)
+    elsewhere = tmp_path / "predictions.npz"  # not in a run directory: the command has a placeholder
+    with pytest.raises(MissingFileError, match=rf"`skd eval RUN_DIR --predictions {re.escape(str(elsewhere))}`"):
+        metrics.Predictions.load(elsewhere)
+
+
+def test_an_npz_that_is_not_a_predictions_file_is_refused_by_name(tmp_path):
+    np.savez(tmp_path / "other.npz", index=np.arange(3))
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'other.npz'))}: not a predictions file \(no label"):
+        metrics.Predictions.load(tmp_path / "other.npz")
