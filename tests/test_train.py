@@ -168,7 +168,7 @@ def test_checkpoint_refuses_every_non_finite_tensor(tmp_path, where):
 
 
 def test_embedded_demo_meets_its_accuracy_bound(demo_run):
-    """README's first command (the ``demo_run`` fixture). Its time is measured by
+    """README's demo command (the ``demo_run`` fixture). Its time is measured by
     ``python -m skd.bench demo``, not asserted here."""
     metrics = json.loads((demo_run.run / "metrics.json").read_text())
     assert metrics["top1"] >= 90.0
