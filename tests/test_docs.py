@@ -10,8 +10,6 @@ command lines (direct, through ``accelerate launch`` / ``torchrun``, the SLURM s
 ``launch/local_multinode.sh``) must give a valid configuration to ``skd config`` with their
 placeholders filled in, and every repository file it names must exist.
 """
-import contextlib
-import io
 import json
 import re
 import shlex
@@ -71,7 +69,7 @@ def read_page(path: Path) -> tuple[list[Block], list[str]]:
     """The fenced code blocks of a Markdown page, and its lines outside them (prose)."""
     lines = path.read_text().splitlines()
     rel = path.relative_to(ROOT).as_posix()
-    blocks, prose, fence, start, last_end = [], [], None, 0, -2
+    blocks, prose, fence, start, last_end = [], [], None, 0, 0
     for i, line in enumerate(lines):
         if fence is None:
             opening = re.match(r"^(`{3,}|~{3,})\s*([\w+-]*)\s*$", line)
@@ -81,8 +79,8 @@ def read_page(path: Path) -> tuple[list[Block], list[str]]:
             prose.append(line)
         elif line.strip() == fence:
             marker = NOT_RUN.match(lines[start - 1].strip()) if start else None
-            between = lines[last_end + 1:start] if blocks else ["x"]
-            previous = blocks[-1] if blocks and not any(s.strip() for s in between) else None
+            adjacent = blocks and not any(s.strip() for s in lines[last_end + 1:start])
+            previous = blocks[-1] if adjacent else None
             blocks.append(Block(rel, start + 1, lang, "\n".join(lines[start + 1:i]) + "\n",
                                 marker.group(1) if marker else None, previous))
             fence, last_end = None, i
@@ -108,7 +106,7 @@ def command_lines(code: str) -> list[str]:
 # Run in one process: `skd ...` and `python -m ...` call the command's main (one interpreter
 # start for all of them); any other line, or one that needs the shell, goes through bash.
 _RUNNER = r"""
-import contextlib, io, json, runpy, shlex, subprocess, sys
+import contextlib, io, json, re, runpy, shlex, subprocess, sys
 from skd.cli import main as skd_main
 
 SHELL = set("|&;<>()$`*?~")
@@ -131,7 +129,8 @@ for block_id, lines in blocks.items():
     results[block_id] = []
     for line in lines:
         argv = shlex.split(line, comments=True)
-        if SHELL & set(line) or not (argv[0] == "skd" or argv[:2] in (["python", "-m"], ["python3", "-m"])):
+        command = re.split(r"\s#", line, maxsplit=1)[0]  # a trailing comment is no shell syntax
+        if SHELL & set(command) or not (argv[0] == "skd" or argv[:2] in (["python", "-m"], ["python3", "-m"])):
             done = subprocess.run(["bash", "-c", line], capture_output=True, text=True)
             rc, stdout, stderr = done.returncode, done.stdout, done.stderr
         else:
@@ -203,7 +202,7 @@ def test_bash_block_runs_as_written(block, block_results):
     assert not failed, f"`{failed[0]['line']}` exited with {failed[0]['rc']}:\n{failed[0]['stderr'][-2000:]}"
     assert len(results) == len(command_lines(block.code))
     # A text block right after it shows the output: every line of it must have been printed.
-    shown = next((b for b in BLOCKS if b.follows_block == block and b.lang == "text"), None)
+    shown = next((b for b in BLOCKS if b.follows_block is block and b.lang == "text"), None)
     if shown is not None:
         printed = "".join(r["stdout"] + r["stderr"] for r in results)
         missing = [line for line in shown.code.splitlines() if line.strip() and line not in printed]
