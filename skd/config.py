@@ -329,7 +329,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of '{part}'")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: {raw!r} is not a YAML value "
+                              f"({getattr(e, 'problem', None) or e}); quote a string: {key}=\"'{raw}'\"") from e
     return out
 
 

@@ -199,10 +199,15 @@ class Predictions:
 
     @classmethod
     def load(cls, path: str | Path) -> Predictions:
-        """Read a predictions file (never unpickling); a missing, damaged or foreign file is an
-        ``SkdError`` naming it."""
-        if not Path(path).is_file():
-            raise MissingFileError(f"predictions file {path} does not exist")
+        """Read a file written by ``save`` (a run's ``predictions.npz`` or ``predictions_best.npz``,
+        or the ``--predictions`` file of ``skd eval``), never unpickling; a missing, damaged or
+        foreign file is an ``SkdError`` naming it."""
+        path = Path(path)
+        if not path.is_file():
+            run = path.parent if (path.parent / "config.yaml").is_file() else "RUN_DIR"
+            raise MissingFileError(f"predictions file {path} does not exist: a run writes predictions.npz "
+                                   f"when it finishes, and `skd eval {run} --predictions {path}` writes "
+                                   f"one for any run, checkpoint or exported model")
         try:
             data = np.load(path, allow_pickle=False)
             if isinstance(data, np.lib.npyio.NpzFile):

@@ -1,6 +1,7 @@
 """Shared pytest set-up: the Triton interpreter on machines without a GPU, a seed per test,
 ``@pytest.mark.gpu`` tests skipped where CUDA is missing, and one real run of the demo."""
 import os
+import shlex
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -41,13 +42,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+DEMO_COMMAND = "skd train output_dir=runs/demo"
+"""README's demo command, exactly as written there (tests/test_docs.py checks that it is)."""
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> SimpleNamespace:
-    """README's first command, ``skd train`` with no config, shard creation included, run once in
-    a fresh folder: ``folder/runs/demo`` holds the run, ``stdout`` what it printed."""
+    """README's demo command (the embedded demo, shard creation included), run once in a fresh
+    folder with its own data cache: ``folder/runs/demo`` holds the run, ``stdout`` what it printed,
+    ``env`` the environment it ran in (for commands that read the run and its data)."""
     folder = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "SKD_CACHE": str(folder / "cache")}
-    done = subprocess.run([sys.executable, "-m", "skd", "train", "output_dir=runs/demo"], cwd=folder,
+    done = subprocess.run([sys.executable, "-m", *shlex.split(DEMO_COMMAND)], cwd=folder,
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    return SimpleNamespace(folder=folder, run=folder / "runs" / "demo", stdout=done.stdout)
+    return SimpleNamespace(folder=folder, run=folder / "runs" / "demo", stdout=done.stdout, env=env)

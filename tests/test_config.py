@@ -21,6 +21,14 @@ def test_overrides_are_nested_and_typed():
     assert cfg.method.name == "ls" and cfg.method.smoothing == 0.2
 
 
+def test_override_that_is_not_yaml_names_it():
+    with pytest.raises(ConfigError, match=r"override 'data.train=\.\.\.': '\.\.\.' is not a YAML value"):
+        load_config(None, ["data.train=..."])
+    with pytest.raises(ConfigError, match=r"override 'data.mean=\[0.5': '\[0.5' is not a YAML value"):
+        load_config(None, ["data.mean=[0.5"])
+    assert load_config(None, ["output_dir='...'"]).output_dir == "..."
+
+
 def test_unknown_key_names_it_and_suggests():
     with pytest.raises(ConfigError, match=r"unknown config key 'data.bach_size' \(did you mean 'data.batch_size'\?\)"):
         load_config(None, ["data.bach_size=3"])

@@ -1,10 +1,13 @@
 """skd.metrics against hand-computed values (PS-KD conventions, docs/methods.md §8)."""
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 
 from skd import metrics
+from skd.errors import DataError, MissingFileError
 
 
 def _two_class(confs, correct):
@@ -80,3 +83,23 @@ def test_results_table_stays_aligned_for_any_value():
         cells = [line[a:a + w] for a, w in zip(starts[1:], widths[1:])]
         assert all(c.startswith(" ") and c.strip() for c in cells), "\n".join(lines)
     assert lines[2].split()[1:] == ["1.000e+12", "100.00", "2.30e+11", "inf", "nan", "1.0e+300"]
+
+
+def test_loading_a_missing_predictions_file_names_it_and_the_command_that_writes_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    missing = run / "predictions_best.npz"
+    with pytest.raises(MissingFileError, match=rf"predictions file {re.escape(str(missing))} does not exist.*"
+                                               rf"`skd eval {re.escape(str(run))} --predictions "
+                                               rf"{re.escape(str(missing))}`"):
+        metrics.Predictions.load(missing)
+    elsewhere = tmp_path / "predictions.npz"  # not in a run directory: the command has a placeholder
+    with pytest.raises(MissingFileError, match=rf"`skd eval RUN_DIR --predictions {re.escape(str(elsewhere))}`"):
+        metrics.Predictions.load(elsewhere)
+
+
+def test_an_npz_that_is_not_a_predictions_file_is_refused_by_name(tmp_path):
+    np.savez(tmp_path / "other.npz", index=np.arange(3))
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'other.npz'))}: not a predictions file \(no label"):
+        metrics.Predictions.load(tmp_path / "other.npz")

@@ -197,7 +197,7 @@ def test_checkpoint_refuses_every_non_finite_tensor(tmp_path, where):
 
 
 def test_embedded_demo_meets_its_accuracy_bound(demo_run):
-    """README's first command (the ``demo_run`` fixture). Its time is measured by
+    """README's demo command (the ``demo_run`` fixture). Its time is measured by
     ``python -m skd.bench demo``, not asserted here."""
     metrics = json.loads((demo_run.run / "metrics.json").read_text())
     # Measured 98.9-99.2 % at the end (98-99 over the last five epochs, one dip to 93.6 at epoch 6):

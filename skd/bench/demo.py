@@ -1,4 +1,4 @@
-"""``python -m skd.bench demo``: wall time and accuracy of README's first command, ``skd train``.
+"""``python -m skd.bench demo``: wall time and accuracy of README's demo command (``skd train``, the embedded demo).
 
 Runs the embedded demo (PS-KD on the digits, CPU) ``--runs`` times in fresh processes, the first
 with an empty data cache so the one-time shard creation is included, and prints a table.

@@ -104,7 +104,7 @@ class Plan:
         from skd.bench._steps import StepSpec
 
         methods = ("ce", "pskd", "cskd", "tfkd", "ls", "uskd")
-        # PS-KD's other memory layouts (README "Scaling out"): on one GPU the sharded memory
+        # PS-KD's other memory layouts (docs/scaling.md): on one GPU the sharded memory
         # routes, gathers and dedups its rows but exchanges nothing (python -m skd.bench
         # memory-plan computes the exchange); the top-k memory runs its own kernel.
         k = min(32, self.step_sizes.num_classes)
