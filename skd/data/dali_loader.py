@@ -44,6 +44,7 @@ import torch
 
 from skd.batch import Batch
 from skd.data.loader import ShardLoader, create_loader
+from skd.errors import ConfigError
 
 _log = logging.getLogger("skd.data")
 
@@ -486,6 +487,9 @@ def create_dali_loader(shard_dir: str | Path, cfg: Any, *, train: bool, batch_si
     ``dali_dtype``, crop keys); ``plan`` is passed on to ``create_loader`` (seed, rank, world
     size, workers, shuffle buffer, drop_last, the method's loader options). ``device`` is the GPU
     to decode on (default: the current one)."""
+    if plan.get("repeat_previous"):
+        raise ConfigError("data.backend=dali does not deliver DLB's repeated half (method.name=dlb); "
+                          "use data.backend=torch")
     import_dali()  # the config itself was checked when it was built
     if train:
         mode = cfg.train_crop
