@@ -196,6 +196,11 @@ def test_config_errors_name_the_key_and_the_fix(monkeypatch):
         dali_loader.import_dali()
 
 
+def test_dlb_repeats_are_refused_with_the_fix(digits):
+    with pytest.raises(ConfigError, match="DLB's repeated half.*use data.backend=torch"):
+        create_data_loader(data_config(), digits, train=True, batch_size=8, repeat_previous=True)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
 def test_gpu_pipeline_without_a_gpu_exits_2_before_writing(tmp_path, capsys):
     from skd.train import main
