@@ -13,8 +13,8 @@ start, rank, batch number), so a resumed run with the same processes and batch s
 exactly the batches, pixels included, of the uninterrupted run; with others it continues the
 epoch from the same position, every sample once. DLB's repeated samples are batch j − 1's, which
 the plan names, so the worker of batch j reads them again itself (under any number of workers),
-with a seed of their own. Nothing is ever unpickled: only images are
-decoded, labels come from ``samples.npz`` and are checked against ``dataset.json`` up front.
+with a seed of their own. Nothing is ever unpickled: only images are decoded, labels come from
+``samples.npz`` and are checked against ``dataset.json`` up front.
 """
 from __future__ import annotations
 
