@@ -28,6 +28,13 @@ class Batch(TypedDict):
     """CS-KD (``with_partner``): ``[B, 3, H, W]`` a same-class partner image per anchor."""
     partner_index: NotRequired[torch.Tensor]
     """CS-KD: ``[B]`` int64 sample ids of the partners."""
+    repeat: NotRequired[torch.Tensor]
+    """DLB (``repeat_previous``): ``[B', 3, H, W]`` the samples of this process's previous batch,
+    augmented anew (``B' = 0`` at the first batch of the first epoch)."""
+    repeat_label: NotRequired[torch.Tensor]
+    """DLB: ``[B']`` int64 classes of the repeated samples."""
+    repeat_index: NotRequired[torch.Tensor]
+    """DLB: ``[B']`` int64 sample ids of the repeated samples."""
     target: NotRequired[torch.Tensor]
     """Mixup/CutMix: ``[B, C]`` fp32 mixed, label-smoothed soft targets (timm's ``mixup_target``)."""
     mix_lam: NotRequired[torch.Tensor]

@@ -18,7 +18,7 @@ from skd_kernels import mixup_cross_entropy, pskd_loss
 
 __all__ = [
     "cross_entropy", "kd_loss", "cskd_loss", "tfkd_reg_loss", "tfkd_self_loss", "nkd_loss",
-    "uskd_loss", "ickd_loss", "pskd_loss", "mixup_cross_entropy",
+    "uskd_loss", "ickd_loss", "dlb_loss", "byot_loss", "pskd_loss", "mixup_cross_entropy",
 ]
 
 _KL_REDUCTIONS = ("mean", "batchmean")
@@ -293,6 +293,67 @@ def ickd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
         g_t = F.normalize(torch.bmm(f_t, f_t.transpose(1, 2)), dim=2)
     denom = C * B * (B if norm == "imagenet" else 1)
     return (g_s - g_t).pow(2).sum() / denom
+
+
+def dlb_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    repeat_logits: torch.Tensor,
+    repeat_labels: torch.Tensor,
+    target_logits: torch.Tensor,
+    target_found: torch.Tensor,
+    temperature: float = 3.0,
+    alpha: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """DLB, ``Meta-knowledge-Lab/DLB`` ``dlb.py::train_one_epoch`` (docs/methods.md §11)::
+
+        ce = CE over the B' + B rows [repeated ; new], averaged over all of them
+        kl = α·T²·KL(softmax(t/T) ‖ softmax(z_r/T)), averaged over the repeated rows with a target
+
+    ``logits``/``labels``: the batch's new samples; ``repeat_logits``/``repeat_labels``: the
+    samples of the previous batch, seen again; ``target_logits`` ``[B', C]``: their logits from
+    the previous step (the teacher, detached); ``target_found`` bool ``[B']``: which repeated rows
+    have such logits (all of them in an uninterrupted run). A row without one gets CE only. The
+    loss is ``ce + kl``; both parts are returned. No host synchronisation.
+    """
+    ce = cross_entropy(torch.cat([repeat_logits, logits]), torch.cat([repeat_labels, labels]))
+    kl_rows = skd_kernels.softmax_kl(repeat_logits, target_logits, temperature, reduction="none")
+    found = target_found.to(kl_rows.dtype)
+    kl = (kl_rows * found).sum() / found.sum().clamp(min=1)
+    return {"ce": ce, "kl": alpha * kl}
+
+
+def byot_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    head_logits: list[torch.Tensor],
+    head_features: list[torch.Tensor],
+    feature: torch.Tensor,
+    temperature: float = 3.0,
+    alpha: float = 0.5,
+    feature_weight: float = 6.4e-5,
+) -> dict[str, torch.Tensor]:
+    """BYOT as its first author's code trains it (``ArchipLab-LinfengZhang/
+    pytorch-scalable-neural-networks`` ``train.py``; docs/methods.md §12)::
+
+        ce    = CE(z, y)                                            the deepest classifier
+        heads = Σ_i (1 − α)·CE(z_i, y) + α·T²·KL(softmax(z/T) ‖ softmax(z_i/T))
+        hint  = λ·Σ_i mean_rows ‖f_i − F‖²
+
+    ``logits`` z and ``feature`` F ``[N, D]``: the model's classifier and the pooled vector it
+    reads; ``head_logits`` z_i and ``head_features`` f_i ``[N, D]``: the auxiliary classifiers'.
+    z and F are the teacher of the KL and of the hints, detached there. The loss is
+    ``ce + heads + hint``; the three parts are returned.
+    """
+    ce = cross_entropy(logits, labels)
+    # One kernel call for every head: n × the mean over the n·N stacked rows is the sum of the means.
+    n = len(head_logits)
+    heads = n * skd_kernels.softmax_kl(torch.cat(list(head_logits)), logits.repeat(n, 1), temperature,
+                                       labels=labels.repeat(n), ce_weight=1.0 - alpha, kl_weight=alpha)
+    target_ND = _acc(feature).detach()
+    with _no_autocast(target_ND):
+        hint = sum((_acc(f_i) - target_ND).pow(2).sum(1).mean() for f_i in head_features)
+    return {"ce": ce, "heads": heads, "hint": feature_weight * hint}
 
 
 # =================================================================================================

@@ -200,6 +200,18 @@ def test_config_errors_name_the_key_and_the_fix(monkeypatch):
         dali_loader.import_dali()
 
 
+def test_dlb_repeats_match_the_torch_backend(digits):
+    cfg = data_config(*DIGITS, "data.hflip=0.5")
+    for rank in range(2):
+        _, dali = epoch(cfg, digits / "val", rank=rank, world_size=2, repeat_previous=True)
+        _, ref = epoch(as_torch(cfg), digits / "val", rank=rank, world_size=2, repeat_previous=True)
+        assert len(dali[0]["repeat"]) == 0
+        assert all(torch.equal(b["repeat_index"], a["index"]) for a, b in zip(dali, dali[1:]))
+        for key in ("repeat_index", "repeat_label"):
+            assert torch.equal(cat(dali, key), cat(ref, key))
+        assert (cat(dali, "repeat") - cat(ref, "repeat")).abs().max() < 1e-5
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
 def test_gpu_pipeline_without_a_gpu_exits_2_before_writing(tmp_path, capsys):
     from skd.train import main

@@ -424,3 +424,35 @@ def test_random_interpolation_evaluates_with_bilinear():
     image = Image.new("RGB", (40, 30), (10, 200, 30))
     out = create_eval_transform(DataConfig(img_size=16, interpolation="random"))(image)
     assert torch.equal(out, create_eval_transform(DataConfig(img_size=16, interpolation="bilinear"))(image))
+
+
+# ------------------------------------------------------------------------------ DLB's repeats
+@pytest.mark.parametrize("workers", [2, 0])
+def test_repeat_previous_holds_each_ranks_batch_before_augmented_anew(unequal, workers):
+    """Every batch of a rank repeats the samples of its batch before (the previous epoch's last
+    one at an epoch's start), with another augmentation, under any number of workers; the new
+    samples are the very batches of a loader without repeats, and a resume gives the same repeats."""
+    kwargs = dict(train=True, batch_size=6, transform=Augment(), seed=7, num_workers=workers, shuffle_buffer=8,
+                  world_size=2, drop_last=False)
+    for rank in (0, 1):
+        plain = create_loader(unequal, rank=rank, **kwargs)
+        loader = create_loader(unequal, rank=rank, repeat_previous=True, **kwargs)
+        batches = []
+        for epoch in (0, 1):
+            plain.set_epoch(epoch)
+            loader.set_epoch(epoch)
+            ours = collect(loader)
+            for x, y in zip(collect(plain), ours, strict=True):
+                assert torch.equal(x["index"], y["index"]) and torch.equal(x["image"], y["image"])
+            batches += ours
+        assert len(batches[0]["repeat"]) == batches[0]["repeat_index"].numel() == 0
+        for before, batch in zip(batches, batches[1:]):
+            assert torch.equal(batch["repeat_index"], before["index"])
+            assert torch.equal(batch["repeat_label"], before["label"])
+            assert batch["repeat"].shape == before["image"].shape
+            assert not torch.equal(batch["repeat"], before["image"])
+        resumed = create_loader(unequal, rank=rank, repeat_previous=True, **kwargs)
+        resumed.load_state_dict({**loader.state_dict(), "batches": 2})
+        resumed.set_epoch(1)
+        for x, y in zip(collect(resumed), batches[len(batches) // 2 + 2:], strict=True):
+            assert torch.equal(x["repeat_index"], y["repeat_index"]) and torch.equal(x["repeat"], y["repeat"])

@@ -1,6 +1,8 @@
-"""Two simulated nodes of one CPU process each (gloo), started by launch/local_multinode.sh as SLURM
-starts real nodes: one synchronised DDP run of PS-KD with its memory sharded over the two ranks,
-then the run resumed mid-epoch on one process (the memory re-sharded, the epoch continued)."""
+"""Two CPU processes (gloo). Two simulated nodes of one process each, started by
+launch/local_multinode.sh as SLURM starts real nodes: one synchronised DDP run of PS-KD with its
+memory sharded over the two ranks, then the run resumed mid-epoch on one process (the memory
+re-sharded, the epoch continued). And DLB and BYOT under torchrun: resumed exactly on two
+processes, DLB also continued on one."""
 import json
 import os
 import shutil
@@ -11,9 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from skd.checkpoint import list_checkpoints, load_checkpoint, load_parts
+from skd.config import load_config
+from skd.data import DatasetInfo, plan_epoch, resolve_shard_dir
 from skd.train import main as train_main
+from skd.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -151,3 +157,55 @@ def test_a_failure_on_one_process_stops_every_process(tmp_path):
     (code0, _, err0), (code1, _, err1) = _two_processes(["fail-on-main", *args], tmp_path, timeout=240)
     assert code0 == 1 and "RuntimeError: injected failure while linking a checkpoint" in err0
     assert code1 == 1 and "RankFailed: another process failed: RuntimeError: injected failure" in err1
+
+
+def test_dlb_and_byot_on_two_processes_resume_exactly_and_dlb_continues_on_one(tmp_path):
+    """DLB and BYOT on two processes (``two_process_dlb_byot.py``), each resumed mid-epoch on the
+    same two processes: the final weights are the uninterrupted run's. Every DLB rank found the
+    logits of each sample it repeated, and its checkpoint part holds its own last batch. Then DLB
+    resumed from its mid-epoch checkpoint on one process: the first batch repeats the two ranks'
+    last global step, whose logits come from both parts."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(ROOT / "tests" / "two_process_dlb_byot.py"), str(tmp_path)]
+    # The losses' kernels are tested elsewhere: here their PyTorch reference (no interpreter) is enough.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for method in ("dlb", "byot"):
+        full = load_file(tmp_path / f"{method}-full" / "model.safetensors")
+        resumed = load_file(tmp_path / f"{method}-resumed" / "model.safetensors")
+        assert all(torch.equal(full[k], resumed[k]) for k in full), method
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"dlb-rank{rank}.json").read_text())
+        assert seen == {"full": {"dlb_targets_found": 1.0}, "resumed": {"dlb_targets_found": 1.0}}
+
+    # The step-15 checkpoint (epoch 1, batch 3): each rank's part is the batch it read last.
+    (checkpoint,) = [p for p in list_checkpoints(tmp_path / "dlb-full") if load_checkpoint(p)["step"] == 15]
+    state = load_checkpoint(checkpoint)
+    loader = state["loader"]
+    assert (loader["epoch"], loader["batches"], loader["world_size"], loader["batch_size"]) == (1, 3, 2, 64)
+    parts = load_parts(checkpoint, state["rank_parts"])
+    info = DatasetInfo.load(resolve_shard_dir("digits", "train", "data.train"))
+    for rank, part in enumerate(parts):
+        plan = plan_epoch([s.num_samples for s in info.shards], epoch=1, seed=state["config"]["seed"], rank=rank,
+                          world_size=2, batch_size=64, train=True, window=loader["window"])
+        assert part["previous_index"].tolist() == plan.sample_ids(2).tolist()
+        assert part["previous_logits"].shape == (64, 10)
+
+    single = tmp_path / "dlb-single"
+    shutil.copytree(tmp_path / "dlb-full", single)
+    for p in list_checkpoints(single):
+        if load_checkpoint(p)["step"] > 15:
+            p.unlink()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config(None, ["model.name=test_resnet", "data.img_size=16", "data.batch_size=128",
+                                 "data.num_workers=0", "log_with=[]", "sched.warmup_epochs=0", "method.name=dlb",
+                                 "epochs=2", "checkpoint_every=5", "keep_checkpoints=0", f"output_dir={single}",
+                                 "resume=auto"]))
+    finally:
+        torch.set_num_threads(threads)
+    last = [json.loads(line) for line in (single / "history.jsonl").read_text().splitlines()][-1]
+    assert last["epoch"] == 1 and last["dlb_targets_found"] == 1.0

@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from skd.data.epoch_plan import Stream, plan_epoch
+from skd.data.epoch_plan import Stream, plan_epoch, previous_batch_ids
 
 SHARDS = [7, 23, 11, 19, 40]  # N = 100, shards of unequal size
 
@@ -67,3 +67,24 @@ def test_evaluation_ranks_take_contiguous_parts_in_order():
         plan = plan_epoch(SHARDS, epoch=5, seed=1, rank=r, world_size=3, batch_size=8, train=False)
         parts += [int(i) for j in range(plan.num_batches) for i in plan.sample_ids(j)]
     assert parts == list(range(100))
+
+
+def test_previous_batch_ids_step_back_one_batch_across_epochs_and_elastic_starts():
+    """DLB's repeated samples: batch j − 1 of the plan; at a fresh epoch the previous epoch's last
+    batch; at an elastic continuation this rank's share of the global step before its start."""
+    def plans(world, batch, epoch=1, start=0):
+        return [plan_epoch(SHARDS, epoch=epoch, seed=3, rank=r, world_size=world, batch_size=batch, train=True,
+                           window=16, start=start) for r in range(world)]
+
+    before, now = plans(2, 8, epoch=0), plans(2, 8)
+    for old, new in zip(before, now):
+        assert previous_batch_ids(old, 0).size == 0  # the first batch of the run repeats nothing
+        assert np.array_equal(previous_batch_ids(new, 0, old), old.sample_ids(old.num_batches - 1))
+        for j in range(1, new.num_batches):
+            assert np.array_equal(previous_batch_ids(new, j), new.sample_ids(j - 1))
+    # Two global steps on 2 ranks x 8, then one rank x 16: its first batch repeats both ranks' step 1 ...
+    (alone,) = plans(1, 16, start=now[0].position_after(2))
+    assert previous_batch_ids(alone, 0).tolist() == now[0].sample_ids(1).tolist() + now[1].sample_ids(1).tolist()
+    # ... and back on 2 ranks x 8 after 3 steps of 16, each rank repeats its half of that step.
+    for rank, plan in enumerate(plans(2, 8, start=alone.position_after(3))):
+        assert np.array_equal(previous_batch_ids(plan, 0), alone.sample_ids(2)[8 * rank:8 * (rank + 1)])

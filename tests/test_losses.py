@@ -359,6 +359,75 @@ def test_ickd_rejects_unembedded_student():
         losses.ickd_loss(torch.zeros(2, 4, 3, 3), torch.zeros(2, 5, 3, 3))
 
 
+# ---- DLB --------------------------------------------------------------------------------------
+
+def _dlb_official(out, out_pre, pre_out, label, pre_label, T, alpha):
+    """``Meta-knowledge-Lab/DLB`` ``dlb.py::train_one_epoch``, a step with a previous batch: CE of
+    [repeated ; new], and the KL of the repeated samples against their logits one step earlier."""
+    ce_loss = F.cross_entropy(torch.cat((out_pre, out), dim=0), torch.cat((pre_label, label), dim=0))
+    dml_loss = F.kl_div(F.log_softmax(out_pre / T, dim=1), F.softmax(pre_out.detach() / T, dim=1),
+                        reduction="batchmean") * T * T
+    return ce_loss + alpha * dml_loss
+
+
+@pytest.mark.parametrize("T, alpha", [(3.0, 1.0), (1.5, 0.3)])
+def test_dlb_loss_matches_official_step(T, alpha):
+    new, repeated, previous = _logits(N, C, seed=0), _logits(N - 2, C, seed=1), _logits(N - 2, C, seed=2)
+    y, y_repeated = _labels(), _labels(N - 2, seed=3)
+    ref = _ref_grad(lambda a, b, c: _dlb_official(a, b, c, y, y_repeated, T, alpha), new, repeated, previous)
+    parts = losses.dlb_loss(new, y, repeated, y_repeated, previous, torch.ones(N - 2, dtype=torch.bool), T, alpha)
+    _check(parts["ce"] + parts["kl"], [new, repeated, previous], *ref)  # no gradient to the targets
+
+
+def test_dlb_loss_rows_without_target_get_ce_only():
+    new, repeated, previous = _logits(N, C, seed=0), _logits(4, C, seed=1), _logits(4, C, seed=2)
+    y, y_repeated = _labels(), _labels(4, seed=3)
+    found = torch.tensor([True, False, True, True])
+    T = 3.0
+
+    def ref(a, b, c):
+        ce = _ce_ref(torch.cat([b, a]), torch.cat([y_repeated, y]))
+        rows = [T * T * _kl_rows_ref((c[i].detach() / T).softmax(0)[None], (b[i] / T).log_softmax(0)[None])
+                for i in range(4) if found[i]]
+        return ce + 0.5 * torch.cat(rows).mean()
+
+    parts = losses.dlb_loss(new, y, repeated, y_repeated, previous, found, T, 0.5)
+    _check(parts["ce"] + parts["kl"], [new, repeated, previous], *_ref_grad(ref, new, repeated, previous))
+    none = losses.dlb_loss(new, y, repeated, y_repeated, previous, torch.zeros(4, dtype=torch.bool), T, 0.5)
+    assert none["kl"].item() == 0.0
+
+
+# ---- BYOT -------------------------------------------------------------------------------------
+
+def _scan_official(outputs, features, y, lambda_kd, feature_weight):
+    """BYOT's loss as its first author's code computes it (``ArchipLab-LinfengZhang/
+    pytorch-scalable-neural-networks`` ``train.py`` and ``sresnet.py``): ``outputs``/``features``
+    deepest first; a soft cross-entropy at T = 3 times 9, the hints summed over the batch."""
+    teacher_output = outputs[0].detach()
+    loss = F.cross_entropy(outputs[0], y)
+    for output in outputs[1:]:
+        soft = -(F.log_softmax(output / 3.0, dim=1) * F.softmax(teacher_output / 3.0, dim=1)).sum(dim=1).mean()
+        loss = loss + soft * lambda_kd * 9 + F.cross_entropy(output, y) * (1 - lambda_kd)
+    teacher_feature = features[0].detach()
+    return loss + feature_weight * sum(((teacher_feature - f) ** 2).sum() for f in features[1:])
+
+
+@pytest.mark.parametrize("lambda_kd", [0.5, 0.2])
+def test_byot_loss_matches_the_official_code(lambda_kd):
+    """The official soft cross-entropy is the KL plus the teacher's entropy, which has no gradient;
+    the official 5e-7 on a sum over N rows is skd's per-row weight 5e-7·N."""
+    D = 5
+    z = [_logits(N, C, seed=s) for s in range(4)]  # deepest, then the three heads
+    f = [_logits(N, D, scale=1.0, seed=10 + s) for s in range(4)]
+    y = _labels()
+    ref_value, ref_grads = _ref_grad(lambda *a: _scan_official(a[:4], a[4:], y, lambda_kd, 5e-7), *z, *f)
+    p = (z[0].detach().double() / 3.0).softmax(1)
+    entropy = -(p * p.log()).sum(1).mean()
+    parts = losses.byot_loss(z[0], y, z[1:], f[1:], f[0], 3.0, lambda_kd, 5e-7 * N)
+    _check(sum(parts.values()), [*z, *f], ref_value - 3 * lambda_kd * 9 * entropy, ref_grads)
+    assert parts["hint"].item() == pytest.approx(5e-7 * sum(((f[0] - g) ** 2).sum().item() for g in f[1:]))
+
+
 # ---- PS-KD ------------------------------------------------------------------------------------
 
 def test_pskd_loss_is_the_kernel():

@@ -11,6 +11,7 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 
@@ -89,6 +90,8 @@ def test_method_trains_end_to_end(tmp_path, teacher_file, name, extra):
         assert {"weak_head.weight", "weak_head.bias"} <= set(method_state)
     if name == "ickd":
         assert "embed.0.weight" in method_state
+    if name == "byot":
+        assert {"heads.0.fc.weight", "heads.2.expand.0.weight"} <= set(method_state)
 
 
 # ---------------------------------------------------------------------------------------- CS-KD
@@ -170,6 +173,141 @@ def test_uskd_rank_modes_are_configurable():
     with pytest.raises(ValueError, match="rank"):
         load_config(None, ["method.name=uskd", "method.rank=bogus"])
     assert load_config(None, ["method.name=uskd", "method.rank=logprob"]).method.rank == "logprob"
+
+
+# ------------------------------------------------------------------------------------------ DLB
+
+def _tiny_net(num_classes: int = 10) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, num_classes))
+
+
+def test_dlb_steps_match_the_official_loop():
+    """Four SGD steps of skd's DLB (fp32) against ``Meta-knowledge-Lab/DLB`` ``dlb.py::
+    train_one_epoch`` written out in float64: the loss of every step and the final weights. The
+    dataset gives two views of each image; batch j's second views are repeated at step j + 1."""
+    T, alpha, B = 3.0, 1.0, 5
+    g = torch.Generator().manual_seed(0)
+    views = torch.randn(4, B, 2, 3, 8, 8, generator=g)  # [step, sample, view, ...]
+    labels = torch.randint(0, 10, (4, B), generator=g)
+    model = _tiny_net()
+    reference = _tiny_net().double()
+    reference.load_state_dict(model.state_dict())
+    method = create_method(get_method_config_class("dlb")(temperature=T, alpha=alpha), model, DATA).train()
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    optimizer, ref_optimizer = sgd(method.parameters()), sgd(reference.parameters())
+    pre_data, pre_out = None, None
+    for j in range(4):
+        # The official step, in float64.
+        imgs, label = views[j].double(), labels[j]
+        out = reference(imgs[:, 0])
+        if pre_data is not None:
+            pre_images, pre_label = pre_data
+            out_pre = reference(pre_images[:, 1])
+            ce_loss = F.cross_entropy(torch.cat((out_pre, out)), torch.cat((pre_label, label)))
+            dml_loss = F.kl_div(F.log_softmax(out_pre / T, dim=1), F.softmax(pre_out.detach() / T, dim=1),
+                                reduction="batchmean") * T * T
+            ref_loss = ce_loss + alpha * dml_loss
+        else:
+            ref_loss = F.cross_entropy(out, label)
+        pre_data, pre_out = (imgs, label), out
+        ref_optimizer.zero_grad()
+        ref_loss.backward()
+        ref_optimizer.step()
+        # skd: the loader's batch j holds the new samples' first view and batch j − 1's second.
+        ids = torch.arange(B * j, B * (j + 1))
+        batch = {"image": views[j, :, 0], "label": labels[j], "index": ids,
+                 "repeat": views[j - 1, :, 1] if j else torch.zeros(0, 3, 8, 8),
+                 "repeat_label": labels[j - 1] if j else torch.zeros(0, dtype=torch.int64),
+                 "repeat_index": ids - B if j else torch.zeros(0, dtype=torch.int64)}
+        out = method(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        method.after_step(batch, out)
+        torch.testing.assert_close(out["loss"].double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    assert method.epoch_stats() == {"dlb_targets_found": 1.0}
+
+
+def test_dlb_targets_round_trip_through_rank_parts():
+    """The same processes take their own part back; another number of processes takes every
+    part, and each repeated sample finds its row by id."""
+    def stepped(ids):
+        method = create_method(get_method_config_class("dlb")(), _tiny_net(), DATA).train()
+        x = torch.randn(len(ids), 3, 8, 8)
+        batch = {"image": x, "label": torch.zeros(len(ids), dtype=torch.int64), "index": torch.tensor(ids),
+                 "repeat": torch.zeros(0, 3, 8, 8), "repeat_label": torch.zeros(0, dtype=torch.int64),
+                 "repeat_index": torch.zeros(0, dtype=torch.int64)}
+        method.after_step(batch, method(batch))
+        return method
+
+    rank0, rank1 = stepped([4, 9, 2]), stepped([7, 1])
+    assert rank0.rank_state()["previous_logits"].shape == (3, 10)
+    alone = create_method(get_method_config_class("dlb")(), _tiny_net(), DATA)
+    alone.load_rank_states([rank0.rank_state()])  # one process then and now
+    assert torch.equal(alone.previous_index, rank0.previous_index)
+    alone.load_rank_states([rank0.rank_state(), rank1.rank_state()])  # two then, one now
+    target, found = alone._targets(torch.tensor([1, 4, 5]), torch.zeros(3, 10))
+    assert found.tolist() == [True, True, False]
+    assert torch.equal(target[0], rank1.previous_logits[1]) and torch.equal(target[1], rank0.previous_logits[0])
+
+
+# ----------------------------------------------------------------------------------------- BYOT
+
+def _scala_net(channel_in: int, channel_out: int, size: int) -> torch.nn.Sequential:
+    """``ArchipLab-LinfengZhang/pytorch-scalable-neural-networks`` ``sresnet.py::ScalaNet``."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(channel_in, 128, kernel_size=1, stride=1), nn.BatchNorm2d(128), nn.ReLU(),
+                         nn.Conv2d(128, 128, kernel_size=size, stride=size), nn.BatchNorm2d(128), nn.ReLU(),
+                         nn.Conv2d(128, channel_out, kernel_size=1, stride=1), nn.BatchNorm2d(channel_out),
+                         nn.ReLU(), nn.AvgPool2d(4, 4))
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_byot_head_is_the_official_scalanet_and_fc(train_mode):
+    from skd.methods.byot import BottleneckHead
+    head = BottleneckHead(64, 128, 512, 8, 100).train(train_mode)
+    official = _scala_net(64, 512, 8).train(train_mode)
+    body = [v for k, v in head.state_dict().items() if not k.startswith("fc.")]
+    official.load_state_dict(dict(zip(official.state_dict(), body)))
+    x = torch.randn(3, 64, 32, 32)  # layer1 of the official CIFAR ResNet-18
+    feature, logits = head(x)
+    expected = official(x).view(3, -1)
+    torch.testing.assert_close(feature, expected)
+    torch.testing.assert_close(logits, head.fc(expected))
+
+
+def test_byot_heads_read_the_sections_of_a_cnn_and_train_outside_the_export():
+    model = timm.create_model(MODEL, num_classes=10)
+    method = create_method(get_method_config_class("byot")(), model, DATA).train()
+    assert method.taps == [1, 2, 3]  # timm ResNet: layer1, layer2, layer3 (index 0 is the stem)
+    assert [h.stride for h in method.heads] == [8, 4, 2]  # each section's resolution over layer4's
+    assert [h.reduce[0].in_channels for h in method.heads] == [info["num_chs"] for info in model.feature_info[1:4]]
+    assert all(h.fc.in_features == model.num_features for h in method.heads)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    out = method({"image": x, "label": y})
+    out["loss"].backward()
+    assert set(out["parts"]) == {"ce", "heads", "hint"}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.heads.parameters() if p.ndim > 1)
+    torch.testing.assert_close(out["parts"]["ce"], losses.cross_entropy(out["logits"], y))
+    assert not any(k.startswith("heads.") for k in model.state_dict())  # the export is the model alone
+
+
+def test_byot_heads_read_quarter_blocks_of_a_vit():
+    model = timm.create_model("test_vit", num_classes=10)
+    method = create_method(get_method_config_class("byot")(), model, DATA).train()
+    assert method.taps == [0, 2, 3]  # 6 blocks: L/4 − 1, L/2 − 1, 3L/4 − 1
+    assert [h.stride for h in method.heads] == [1, 1, 1]
+    assert all(h.reduce[0].in_channels == h.fc.in_features == model.embed_dim for h in method.heads)
+    x = torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
+    out = method({"image": x, "label": torch.tensor([1, 2])})
+    out["loss"].backward()
+    assert method.heads[0].fc.weight.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------- ICKD
@@ -314,8 +452,10 @@ def test_every_method_config_has_defaults():
     cskd = get_method_class("cskd")
     assert cskd.train_loader_options(cskd.Config()) == {"with_partner": True, "exclude_self_pair": False}
     assert cskd.train_loader_options(cskd.Config(exclude_self_pair=True))["exclude_self_pair"]
+    dlb = get_method_class("dlb")
+    assert dlb.train_loader_options(dlb.Config()) == {"repeat_previous": True}
     assert not any(get_method_class(n).train_loader_options(get_method_class(n).Config())
-                   for n in list_methods() if n != "cskd")
+                   for n in list_methods() if n not in ("cskd", "dlb"))
 
 
 # ------------------------------------------------------------------ a teacher's own normalisation

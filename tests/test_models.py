@@ -29,6 +29,8 @@ PARAMS = {
     "resnext29_8x64d_cifar": 34_518_948,
     "pyramidnet200_cifar": 26_844_952,
     "pyramidnet200_shakedrop_cifar": 26_844_952,  # ShakeDrop has no parameters
+    "resnet18_cifar": 11_220_132,  # BYOT's nets: torchvision's ResNet-18/50 at 100 classes, less the
+    "resnet50_cifar": 23_705_252,  # 7x7 stem conv (9,408) plus a 3x3 one (1,728)
     "resnet8_cifar": 83_892,  # counted by hand: stem 464, stages 4,672 + 14,528 + 57,728, fc 6,500
     "resnet8x4_cifar": 1_233_540,
     "resnet32x4_cifar": 7_433_860,
@@ -51,6 +53,8 @@ FEATURES = {
     "resnext29_8x64d_cifar": [(64, 32), (256, 32), (512, 16), (1024, 8)],
     "pyramidnet200_cifar": [(16, 32), (384, 32), (704, 16), (1024, 8)],
     "pyramidnet200_shakedrop_cifar": [(16, 32), (384, 32), (704, 16), (1024, 8)],
+    "resnet18_cifar": [(64, 32), (64, 32), (128, 16), (256, 8), (512, 4)],
+    "resnet50_cifar": [(64, 32), (256, 32), (512, 16), (1024, 8), (2048, 4)],
     "resnet8_cifar": [(16, 32), (16, 32), (32, 16), (64, 8)],
     "resnet8x4_cifar": [(32, 32), (64, 32), (128, 16), (256, 8)],
     "resnet32x4_cifar": [(32, 32), (64, 32), (128, 16), (256, 8)],
@@ -345,6 +349,23 @@ def test_eval_logits_equal_the_official_nets(name, net):
         logits = _filled(net(name))(image)
     expected = torch.tensor(OFFICIAL_LOGITS[name], dtype=torch.float64).view(2, 4)
     torch.testing.assert_close(logits[:, :4], expected, rtol=1e-9, atol=0)
+
+
+def test_byot_resnet18_is_torchvisions_blocks_on_a_cifar_stem(net):
+    """BYOT's ResNet-18 is timm's (torchvision's blocks) with the official conv3x3 stride-1 stem and
+    no max-pool: the same tensors, in the same order, give the same eval logits. (Its ResNet-50
+    has PS-KD's bottleneck, whose logits are checked through resnet101_cifar.)"""
+    ours = _filled(net("resnet18_cifar"))
+    reference = timm.create_model("resnet18", num_classes=100)
+    reference.conv1 = torch.nn.Conv2d(3, 64, 3, padding=1, bias=False)
+    reference.maxpool = torch.nn.Identity()
+    reference = reference.double().eval()
+    pairs = list(zip(reference.state_dict().items(), ours.state_dict().values(), strict=True))
+    assert all(ref.shape == t.shape for (_, ref), t in pairs)
+    reference.load_state_dict({k: t for (k, _), t in pairs})
+    image = torch.sin(torch.arange(2 * 3 * 32 * 32, dtype=torch.float64) * 0.37).view(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(image), reference(image), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", PSKD_NETS)

@@ -18,7 +18,9 @@ from skd.features import mid_feature_index, pooled_feature_channels
 from skd.methods import list_methods
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "demo.yaml")
+PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "demo.yaml" and p.parent.name != "tables")
+TABLES = sorted((CONFIGS / "tables").glob("*.yaml"))
+"""A paper's table: its rows and columns, and why each cell without a preset has none."""
 METRICS = {"top1", "top5", "nll", "ece", "aurc", "eaurc"}
 
 
@@ -56,6 +58,31 @@ def test_preset_loads_and_names_its_reference(path):
     # The raw YAML holds every key explicitly (nothing silently inherited from the demo).
     raw = load_yaml(path)
     assert {"epochs", "data", "model", "method", "optim", "sched", "reference"} <= set(raw)
+
+
+@pytest.mark.parametrize("path", TABLES, ids=[p.stem for p in TABLES])
+def test_every_table_cell_is_one_preset_or_missing_with_a_reason(path):
+    table = load_yaml(path)
+    assert {"title", "source", "metric", "display", "rows", "columns", "missing"} <= set(table)
+    assert table["metric"] in METRICS and table["display"] in ("accuracy", "error")
+    cells: dict[tuple[str, str], str] = {}
+    for preset in PRESETS:
+        ref = load_yaml(preset)["reference"]
+        if ref.get("table_id") != path.stem:
+            continue
+        assert ref["metric"] == table["metric"] and ref.get("compare") in ("best", "last"), preset.name
+        cell = (ref["row"], ref["column"])
+        assert cell not in cells, f"{preset.name} and {cells.get(cell)} are the same cell"
+        cells[cell] = preset.name
+    assert all(m.get("reason") for m in table["missing"])
+    missing = {(m["row"], m["column"]) for m in table["missing"]}
+    assert not missing & set(cells)
+    assert missing | set(cells) == {(row, column) for row in table["rows"] for column in table["columns"]}
+
+
+def test_every_table_id_names_a_table():
+    named = {load_yaml(p)["reference"].get("table_id") for p in PRESETS} - {None}
+    assert named <= {p.stem for p in TABLES}
 
 
 def test_presets_cover_every_seed_method():

@@ -21,7 +21,8 @@ and a resumed epoch continues with the very batches of the uninterrupted one.
 
 An image that parses but does not decode in DALI (a truncated JPEG) fails its whole DALI batch;
 the batch is then decoded sample by sample to find it, and the sample (with its CS-KD partner, or
-the anchor of a bad partner) is dropped and counted in ``num_corrupt``.
+the anchor of a bad partner) is dropped and counted in ``num_corrupt``; a DLB repeated sample that
+does not decode is dropped from the repeated half (its own batch counted it).
 
 Nothing here imports DALI at module level: ``import skd.data`` works without it.
 """
@@ -379,7 +380,8 @@ def _split(entry: dict[str, torch.Tensor]) -> tuple[list[np.ndarray], np.ndarray
 # ----------------------------------------------------------------------------- the loader
 class DaliLoader:
     """A ``ShardLoader`` whose images DALI decodes: the same interface and batches (``image``,
-    ``label``, ``index`` [+ ``partner``, ``partner_index``]), images on the DALI device.
+    ``label``, ``index`` [+ ``partner``, ``partner_index``] [+ ``repeat``, ``repeat_label``,
+    ``repeat_index``]), images on the DALI device.
 
     ``len``, ``set_epoch``, ``state_dict``/``load_state_dict`` and ``info`` are the inner torch
     loader's; the state returned during an iteration is the one after the last batch yielded
@@ -448,35 +450,44 @@ class DaliLoader:
 
     def _submit(self, batch: Batch, owner: object) -> None:
         encoded, params = _split(batch["image"])
-        if "partner" in batch:  # partners ride in the same DALI batch, after the anchors
-            more, more_params = _split(batch["partner"])
-            encoded, params = encoded + more, np.concatenate([params, more_params])
+        for key in ("partner", "repeat"):  # they ride in the same DALI batch, after the anchors
+            if key in batch:
+                more, more_params = _split(batch[key])
+                encoded, params = encoded + more, np.concatenate([params, more_params])
         self._runner.submit(encoded, params, owner)
 
     def _assemble(self, batch: Batch, images: torch.Tensor, ok: np.ndarray) -> dict[str, torch.Tensor]:
         """The output batch; samples whose image (or partner) DALI could not decode are dropped.
-        ``images`` holds the decoded samples only: anchors first, then partners."""
+        ``images`` holds the decoded samples only: anchors first, then partners, then DLB's
+        repeated samples."""
         n = len(batch["label"])
         with_partner = "partner" in batch
-        keep = ok[:n] & ok[n:] if with_partner else ok
+        keep = ok[:n] & ok[n:2 * n] if with_partner else ok[:n]
         out = {"label": batch["label"], "index": batch["index"]}
         if with_partner:
             out["partner_index"] = batch["partner_index"]
+        rows = np.cumsum(ok) - 1  # row of each decoded sample in `images`
+        if "repeat" in batch:
+            # A repeated sample that does not decode was counted when its own batch dropped it.
+            first = 2 * n if with_partner else n
+            repeated = torch.as_tensor(ok[first:])
+            out["repeat"] = images[torch.as_tensor(rows[first:][ok[first:]])]
+            out["repeat_label"] = batch["repeat_label"][repeated]
+            out["repeat_index"] = batch["repeat_index"][repeated]
         if keep.all():
             out["image"] = images[:n]
             if with_partner:
-                out["partner"] = images[n:]
+                out["partner"] = images[n:2 * n]
             return out
         for k in np.flatnonzero(~keep):
             _log.warning("skipping corrupt sample id %d: DALI could not decode %s", int(batch["index"][k]),
                          "its image" if not ok[k] else "the image of its CS-KD partner")
         self._decode_corrupt += int((~keep).sum())
-        rows = np.cumsum(ok) - 1  # row of each decoded sample in `images`
         kept = torch.as_tensor(keep)
-        out = {k: v[kept] for k, v in out.items()}
+        out.update({k: out[k][kept] for k in ("label", "index", "partner_index") if k in out})
         out["image"] = images[torch.as_tensor(rows[:n][keep])]
         if with_partner:
-            out["partner"] = images[torch.as_tensor(rows[n:][keep])]
+            out["partner"] = images[torch.as_tensor(rows[n:2 * n][keep])]
         return out
 
 
@@ -500,10 +511,10 @@ def create_dali_loader(shard_dir: str | Path, cfg: Any, *, train: bool, batch_si
             else torch.cuda.current_device()
     encoded = create_loader(shard_dir, train=train, batch_size=batch_size, transform=params,
                             pin_memory=False, decode=read_header, collate=collate_encoded, **plan)
-    with_partner = plan.get("with_partner", False)
+    images_per_sample = 1 + bool(plan.get("with_partner")) + bool(plan.get("repeat_previous"))
     spec = PipelineSpec(mode=mode, img_size=cfg.img_size, mean=tuple(cfg.mean), std=tuple(cfg.std),
                         rotation=train and mode == "pad_crop" and cfg.rotation > 0, device_id=device_id,
-                        threads=cfg.dali_threads, max_batch=batch_size * (2 if with_partner else 1),
+                        threads=cfg.dali_threads, max_batch=batch_size * images_per_sample,
                         hw_decoder_load=cfg.dali_hw_decoder_load, dtype=cfg.dali_dtype,
                         channels_last=channels_last)
     return DaliLoader(encoded, spec)

@@ -15,6 +15,13 @@ stream's beginning: fewer than ``world`` samples are read twice), or with ``drop
 
 Evaluation. No shuffle: rank r takes a contiguous range of the ``dataset.json`` order, so every
 sample is evaluated exactly once over all ranks (ranks may differ by one batch).
+
+The batch before. DLB repeats, in every batch, the samples its rank read in the batch before
+(``previous_batch_ids``): batch ``j − 1`` of the plan; for the first batch of a fresh epoch, the
+last batch of the previous epoch's plan; for the first batch of a plan that continues an epoch
+from ``start > 0`` (an elastic resume), this rank's share of the global step just before
+``start`` under the new layout, which with an unchanged global batch is exactly the last step the
+saved run took (its positions ``[start − world·B, start)``).
 """
 from __future__ import annotations
 
@@ -22,10 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Stream", "EpochPlan", "plan_epoch", "derive_seed"]
+__all__ = ["Stream", "EpochPlan", "plan_epoch", "previous_batch_ids", "derive_seed"]
 
 # Seed-stream tags: the same (seed, epoch, ...) gives independent streams per purpose.
-PLAN, WINDOW, AUGMENT, PARTNER, WORKERS = 0, 1, 2, 3, 4
+PLAN, WINDOW, AUGMENT, PARTNER, WORKERS, REPEAT = 0, 1, 2, 3, 4, 5
 
 
 def derive_seed(*parts: int) -> int:
@@ -160,3 +167,20 @@ def plan_epoch(shard_counts: list[int], *, epoch: int, seed: int, rank: int, wor
         per_rank = (rank + 1) * n // world_size - lo
     sizes = [min(batch_size, per_rank - j * batch_size) for j in range(-(-per_rank // batch_size))]
     return EpochPlan(stream, rank, world_size, batch_size, start, sizes, train, lo)
+
+
+def previous_batch_ids(plan: EpochPlan, j: int, previous_epoch: EpochPlan | None = None) -> np.ndarray:
+    """Training: the sample ids (int64) that rank ``plan.rank`` read in the batch before its batch
+    ``j`` of ``plan`` (see the module docstring). ``previous_epoch`` is the plan of the epoch
+    before, from its start and with this plan's layout; None (or the first batch of the first
+    epoch) gives no ids."""
+    if j > 0:
+        return plan.sample_ids(j - 1)
+    if plan.start > 0:
+        step = plan.world_size * plan.batch_size
+        first = plan.start - step + plan.rank * plan.batch_size
+        positions = np.arange(max(first, 0), max(first + plan.batch_size, 0), dtype=np.int64)
+        return plan.stream.ids(positions)
+    if previous_epoch is not None and previous_epoch.num_batches:
+        return previous_epoch.sample_ids(previous_epoch.num_batches - 1)
+    return np.zeros(0, dtype=np.int64)

@@ -11,8 +11,10 @@ reads stay local).
 Augmentation (and the CS-KD partner draw) is reseeded for every batch from (seed, epoch, plan
 start, rank, batch number), so a resumed run with the same processes and batch size receives
 exactly the batches, pixels included, of the uninterrupted run; with others it continues the
-epoch from the same position, every sample once. Nothing is ever unpickled: only images are
-decoded, labels come from ``samples.npz`` and are checked against ``dataset.json`` up front.
+epoch from the same position, every sample once. DLB's repeated samples are batch j − 1's, which
+the plan names, so the worker of batch j reads them again itself (under any number of workers),
+with a seed of their own. Nothing is ever unpickled: only images are decoded, labels come from
+``samples.npz`` and are checked against ``dataset.json`` up front.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from skd.batch import Batch
 from skd.data.dataset_info import DatasetInfo
-from skd.data.epoch_plan import AUGMENT, PARTNER, WORKERS, EpochPlan, derive_seed, plan_epoch
+from skd.data.epoch_plan import (AUGMENT, PARTNER, REPEAT, WORKERS, EpochPlan, derive_seed, plan_epoch,
+                                 previous_batch_ids)
 from skd.data.partners import PartnerSampler
 from skd.data.sample_index import SampleIndex, ShardFormatError, check_not_truncated
 from skd.errors import ConfigError, DataError, MissingFileError
@@ -50,37 +53,43 @@ class _ShardSource:
 
     def __init__(self, info: DatasetInfo, index: SampleIndex, transform: Callable, seed: int, rank: int,
                  partners: PartnerSampler | None, decode: Callable | None = None,
-                 collate: Callable | None = None) -> None:
+                 collate: Callable | None = None, repeat_previous: bool = False) -> None:
         self.info, self.index = info, index
         self.transform, self.seed, self.rank = transform, seed, rank
         self.decode, self.collate = decode or _decode, collate
         self.partners = partners
+        self.repeat_previous = repeat_previous
         self.offsets = info.shard_offsets
 
-    def iter_worker(self, plan: EpochPlan, worker: int, num_workers: int,
-                    start_batch: int) -> Iterator[dict[str, Any]]:
-        """Batches ``j ≡ worker (mod num_workers)`` of ``plan`` from ``start_batch`` on."""
+    def iter_worker(self, plan: EpochPlan, worker: int, num_workers: int, start_batch: int,
+                    previous_epoch: EpochPlan | None = None) -> Iterator[dict[str, Any]]:
+        """Batches ``j ≡ worker (mod num_workers)`` of ``plan`` from ``start_batch`` on;
+        ``previous_epoch`` is the plan whose last batch the first batch repeats (DLB)."""
         first = start_batch + (worker - start_batch) % num_workers
         for j in range(first, plan.num_batches, num_workers):
-            yield self._make_batch(plan, j)
+            yield self._make_batch(plan, j, previous_epoch)
 
     def _describe(self, sid: int) -> str:
         shard = int(self.index["shard"][sid])
         return f"{self.info.shards[shard].name}: sample {sid - int(self.offsets[shard])} (id {sid})"
 
-    def _make_batch(self, plan: EpochPlan, j: int) -> dict[str, Any]:
-        images, labels, ids = [], [], []
-        corrupt = 0
-        labels_of = self.index.labels
+    def _read(self, sample_ids: np.ndarray, action: str) -> tuple[list[Any], list[int], list[int], int]:
+        """Transformed images, labels and ids of the readable samples among ``sample_ids``, and
+        how many were corrupt (skipped with a warning that says ``action``)."""
+        images, labels, ids, corrupt = [], [], [], 0
+        for sid in sample_ids.tolist():
+            img = self._decoded(sid, action)
+            if img is None:
+                corrupt += 1
+                continue
+            images.append(self.transform(img))
+            labels.append(int(self.index.labels[sid]))
+            ids.append(sid)
+        return images, labels, ids, corrupt
+
+    def _make_batch(self, plan: EpochPlan, j: int, previous_epoch: EpochPlan | None = None) -> dict[str, Any]:
         with _seeded(derive_seed(self.seed, plan.stream.epoch, plan.start, self.rank, j, AUGMENT)):
-            for sid in plan.sample_ids(j).tolist():
-                img = self._decoded(sid, "skipping corrupt sample")
-                if img is None:
-                    corrupt += 1
-                    continue
-                images.append(self.transform(img))
-                labels.append(int(labels_of[sid]))
-                ids.append(sid)
+            images, labels, ids, corrupt = self._read(plan.sample_ids(j), "skipping corrupt sample")
             partners: list[Any] = []
             partner_ids: list[int] = []
             if self.partners is not None:
@@ -96,6 +105,14 @@ class _ShardSource:
             if self.partners is not None:
                 batch["partner"] = self._collate(partners)
                 batch["partner_index"] = torch.tensor(partner_ids, dtype=torch.int64)
+        if self.repeat_previous:  # a view of its own: the first half's pixels do not depend on it
+            with _seeded(derive_seed(self.seed, plan.stream.epoch, plan.start, self.rank, j, REPEAT)):
+                # A corrupt sample was counted when its own batch skipped it.
+                images, labels, ids, _ = self._read(previous_batch_ids(plan, j, previous_epoch),
+                                                    "skipping corrupt repeated sample")
+            batch["repeat"] = self._collate(images)
+            batch["repeat_label"] = torch.tensor(labels, dtype=torch.int64)
+            batch["repeat_index"] = torch.tensor(ids, dtype=torch.int64)
         batch["num_corrupt"] = corrupt
         return batch
 
@@ -184,8 +201,10 @@ def _seeded(seed: int) -> Iterator[None]:
 class _EpochDataset(IterableDataset):
     """One epoch of one rank; each DataLoader worker runs the logical worker it stands for."""
 
-    def __init__(self, source: _ShardSource, plan: EpochPlan, start_batch: int, num_workers: int) -> None:
+    def __init__(self, source: _ShardSource, plan: EpochPlan, start_batch: int, num_workers: int,
+                 previous_epoch: EpochPlan | None = None) -> None:
         self.source, self.plan, self.start_batch, self.num_workers = source, plan, start_batch, num_workers
+        self.previous_epoch = previous_epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -195,14 +214,17 @@ class _EpochDataset(IterableDataset):
         # The DataLoader asks physical worker 0 first; after skipping k batches the next batch is
         # k, owned by logical worker k % W, so physical worker p runs logical worker (p + k) % W.
         logical = (physical + self.start_batch) % workers
-        return self.source.iter_worker(self.plan, logical, workers, self.start_batch)
+        return self.source.iter_worker(self.plan, logical, workers, self.start_batch, self.previous_epoch)
 
 
 # ---------------------------------------------------------------------------- the loader
 class ShardLoader:
     """Batches of one rank over one epoch at a time: dicts of CPU tensors ``image`` float
-    ``[B,3,H,W]``, ``label`` int64 ``[B]``, ``index`` int64 ``[B]`` (global sample id), and with
-    ``with_partner`` also ``partner`` ``[B,3,H,W]`` and ``partner_index`` int64 ``[B]``.
+    ``[B,3,H,W]``, ``label`` int64 ``[B]``, ``index`` int64 ``[B]`` (global sample id), with
+    ``with_partner`` also ``partner`` ``[B,3,H,W]`` and ``partner_index`` int64 ``[B]``, and with
+    ``repeat_previous`` also ``repeat`` ``[B',3,H,W]``, ``repeat_label`` and ``repeat_index``
+    int64 ``[B']`` (the samples of this rank's batch before, augmented anew; none at the first
+    batch of the first epoch).
 
     ``set_epoch(e)`` selects the epoch (a new epoch starts at its beginning). ``state_dict()`` is
     where the epoch stands: ``epoch``, ``batches`` yielded by the current plan, the plan's
@@ -231,10 +253,19 @@ class ShardLoader:
         """This rank's plan for the current epoch (from the current start position)."""
         return self._plan(self.rank, self.world_size, self.batch_size, self.drop_last, self._start)
 
-    def _plan(self, rank: int, world_size: int, batch_size: int, drop_last: bool, start: int) -> EpochPlan:
-        return plan_epoch([s.num_samples for s in self.info.shards], epoch=self._epoch, seed=self._source.seed,
-                          rank=rank, world_size=world_size, batch_size=batch_size, train=self.train,
-                          drop_last=drop_last, window=self._epoch_window, start=start)
+    def _plan(self, rank: int, world_size: int, batch_size: int, drop_last: bool, start: int,
+              epoch: int | None = None) -> EpochPlan:
+        return plan_epoch([s.num_samples for s in self.info.shards], seed=self._source.seed,
+                          epoch=self._epoch if epoch is None else epoch, rank=rank, world_size=world_size,
+                          batch_size=batch_size, train=self.train, drop_last=drop_last,
+                          window=self._epoch_window, start=start)
+
+    def _previous_epoch_plan(self, plan: EpochPlan) -> EpochPlan | None:
+        """The plan whose last batch a fresh epoch's first batch repeats (DLB): the epoch before,
+        from its start, with this loader's layout; None when nothing is repeated from it."""
+        if not (self._source.repeat_previous and self.train and plan.start == 0 and self._epoch > 0):
+            return None
+        return self._plan(self.rank, self.world_size, self.batch_size, self.drop_last, 0, self._epoch - 1)
 
     def __len__(self) -> int:
         return self.plan().num_batches
@@ -278,7 +309,7 @@ class ShardLoader:
         if start >= plan.num_batches:
             return
         workers = max(self.num_workers, 1)
-        dataset = _EpochDataset(self._source, plan, start, workers)
+        dataset = _EpochDataset(self._source, plan, start, workers, self._previous_epoch_plan(plan))
         if self.num_workers == 0:
             batches: Any = iter(dataset)
         else:
@@ -312,7 +343,7 @@ def _check_shard_sizes(directory: Path, info: DatasetInfo, index: SampleIndex) -
 def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transform: Callable,
                   seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                   shuffle_buffer: int = 2000, drop_last: bool = False, with_partner: bool = False,
-                  exclude_self_pair: bool = False,
+                  exclude_self_pair: bool = False, repeat_previous: bool = False,
                   pin_memory: bool | None = None, prefetch_factor: int | None = None,
                   decode: Callable | None = None, collate: Callable | None = None) -> ShardLoader:
     """A ``ShardLoader`` over the shards of ``shard_dir`` (``dataset.json``, the tars and
@@ -323,7 +354,9 @@ def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transf
     inside which training shuffles (``skd.data.epoch_plan``). ``drop_last`` (training only) keeps
     full batches only.
     ``with_partner`` adds a CS-KD partner image per anchor, never the anchor itself with
-    ``exclude_self_pair`` (the official sampler allows it).
+    ``exclude_self_pair`` (the official sampler allows it). ``repeat_previous`` (training, DLB)
+    adds the samples this rank read in its batch before, augmented anew
+    (``skd.data.epoch_plan.previous_batch_ids``).
 
     Raises ``FileNotFoundError`` naming every shard listed in ``dataset.json`` that is missing, or
     a missing ``samples.npz``, and ``ShardFormatError`` for a label outside ``[0, num_classes)``:
@@ -349,7 +382,7 @@ def create_loader(shard_dir: str | Path, *, train: bool, batch_size: int, transf
     _check_shard_sizes(directory, info, index)
     labels = np.asarray(index.labels)
     bad = np.flatnonzero((labels < 0) | (labels >= info.num_classes))
-    source = _ShardSource(info, index, transform, seed, rank, None, decode, collate)
+    source = _ShardSource(info, index, transform, seed, rank, None, decode, collate, repeat_previous and train)
     if len(bad):
         raise ShardFormatError(f"{source._describe(int(bad[0]))} has label {int(labels[bad[0]])}, outside "
                                f"[0, num_classes={info.num_classes}) of dataset.json "

@@ -4,6 +4,7 @@
 """
 from skd.models.bottleneck_resnet import Bottleneck
 from skd.models.densenet import CifarDenseNet
+from skd.models.postact_resnet import BasicBlock
 from skd.models.preact_resnet import PreActResNet
 from skd.models.pyramidnet import PyramidNet, ShakeDrop
 from skd.models.repdistiller import VGG, CifarResNet, WideResNet
@@ -11,12 +12,12 @@ from skd.models.resnext import CifarResNeXt
 
 CIFAR_MODELS = (
     "preact_resnet18_cifar", "resnet101_cifar", "densenet121_cifar", "resnext29_8x64d_cifar",
-    "pyramidnet200_cifar", "pyramidnet200_shakedrop_cifar",
+    "pyramidnet200_cifar", "pyramidnet200_shakedrop_cifar", "resnet18_cifar", "resnet50_cifar",
     "resnet8_cifar", "resnet8x4_cifar", "resnet32x4_cifar", "resnet20_cifar", "resnet32_cifar", "resnet56_cifar",
     "resnet110_cifar", "wrn_16_2_cifar", "wrn_40_1_cifar", "wrn_40_2_cifar",
     "vgg8_cifar", "vgg13_cifar",
 )
 """Every model name this package registers with timm."""
 
-__all__ = ["CIFAR_MODELS", "PreActResNet", "Bottleneck", "CifarDenseNet", "CifarResNeXt",
+__all__ = ["CIFAR_MODELS", "PreActResNet", "BasicBlock", "Bottleneck", "CifarDenseNet", "CifarResNeXt",
            "PyramidNet", "ShakeDrop", "CifarResNet", "WideResNet", "VGG"]
