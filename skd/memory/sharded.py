@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from skd.memory.rows import Fields, FetchedRows, check_state, last_write_wins, on_device, world
+from skd.collectives import world
+from skd.memory.rows import Fields, FetchedRows, check_state, last_write_wins, on_device
 
 
 _PART_META = ("row_start", "num_samples")
