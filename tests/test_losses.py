@@ -366,12 +366,14 @@ def test_pskd_loss_is_the_kernel():
 
 
 @pytest.mark.parametrize("fn", [losses.kd_loss, losses.cskd_loss, losses.nkd_loss,
-                                losses.uskd_loss, losses.tfkd_self_loss])
+                                losses.uskd_loss, losses.tfkd_self_loss, losses.zipf_ls_loss,
+                                losses.bake_loss])
 def test_bf16_logits_give_fp32_loss(fn):
     z, t = (_logits(N, C, seed=seed).detach().bfloat16() for seed in (0, 2))
     y = _labels()
     args = {losses.kd_loss: (z, t, 4.0), losses.cskd_loss: (z, t, y), losses.nkd_loss: (z, t, y),
-            losses.uskd_loss: (z, t, y), losses.tfkd_self_loss: (z, t, y, 4.0, 0.9, 1.0)}[fn]
+            losses.uskd_loss: (z, t, y), losses.tfkd_self_loss: (z, t, y, 4.0, 0.9, 1.0),
+            losses.zipf_ls_loss: (z, y), losses.bake_loss: (z, losses.bake_soft_targets(t, t))}[fn]
     out = fn(*args)
     assert out.dtype == torch.float32 and torch.isfinite(out)
 
