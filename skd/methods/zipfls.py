@@ -49,7 +49,7 @@ class ZipfLS(Method):
         cfg, labels = self.cfg, batch["label"]
         final = self.model.forward_features(batch["image"])
         logits = self.model.forward_head(final)
-        votes = (losses.dense_votes(location_logits(self.model, final.detach(), cfg.dense_upsample))
+        votes = (losses.dense_votes(location_logits(self.model, final, cfg.dense_upsample))
                  if cfg.dense else None)
         ce = losses.cross_entropy(logits, labels)
         zipf = cfg.lam * losses.zipf_ls_loss(logits, labels, votes, cfg.power)
