@@ -28,13 +28,7 @@ FAST = [f"model.name={MODEL}", "log_with=[]", "data.batch_size=128", "data.num_w
 DATA = DataSpec(num_classes=10, num_samples=100, batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the CI machine's two cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
