@@ -4,7 +4,6 @@ then the run resumed mid-epoch on one process (the memory re-sharded, the epoch 
 two gloo processes spawned here: Zipf's LS and BAKE trained and resumed, BAKE's global batch."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
