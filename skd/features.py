@@ -13,13 +13,14 @@ import contextlib
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from skd.errors import ConfigError
 
 __all__ = ["is_token_model", "mid_feature_index", "forward_with_pooled_feature",
-           "pooled_feature_channels", "forward_with_last_map", "last_map_channels", "FeatureTap",
-           "Features", "num_feature_maps", "forward_with_maps", "default_input_size",
+           "pooled_feature_channels", "forward_with_last_map", "last_map_channels", "location_logits",
+           "FeatureTap", "Features", "num_feature_maps", "forward_with_maps", "default_input_size",
            "probe_features"]
 
 
@@ -78,16 +79,23 @@ def pooled_feature_channels(model: nn.Module, index: int,
 
 
 @contextlib.contextmanager
-def _dry_run(model: nn.Module, input_size: tuple[int, ...] | None) -> Iterator[torch.Tensor]:
-    """Within: ``model`` in eval mode and a zero image of ``input_size`` (default: the model's)
-    on its device and dtype; the training flag comes back afterwards."""
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Within: ``model`` in eval mode; its training flag comes back afterwards."""
     was_training = model.training
     model.eval()
     try:
-        param = next(model.parameters())
-        yield torch.zeros(1, *(input_size or default_input_size(model)), device=param.device, dtype=param.dtype)
+        yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def _dry_run(model: nn.Module, input_size: tuple[int, ...] | None) -> Iterator[torch.Tensor]:
+    """Within: ``model`` in eval mode and a zero image of ``input_size`` (default: the model's)
+    on its device and dtype; the training flag comes back afterwards."""
+    with _eval_mode(model):
+        param = next(model.parameters())
+        yield torch.zeros(1, *(input_size or default_input_size(model)), device=param.device, dtype=param.dtype)
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
@@ -120,6 +128,41 @@ def last_map_channels(model: nn.Module) -> int:
         raise ConfigError(f"{type(model).__name__} has no num_features; ICKD needs a timm CNN "
                           f"(model.name, method.teacher)")
     return channels
+
+
+@torch.no_grad()
+def location_logits(model: nn.Module, final: torch.Tensor, upsample: str = "none") -> torch.Tensor:
+    """The classifier applied at every location of ``final`` (``model.forward_features``' output):
+    ``[B, L, K]``, one row of logits per location of the map (``L = H·W``) or per patch token.
+
+    Each location goes through ``model.forward_head`` alone, as a 1×1 map (NCHW, or NHWC for
+    models whose ``output_fmt`` says so, e.g. Swin) or as a sequence of that one token (repeated
+    over the prefix-token slots, so token, average and max pooling all return it), so any head
+    norm is applied as the model applies it. ``upsample`` (``bilinear`` or ``bicubic``) first
+    enlarges a spatial map ×2, as Zipf's LS does for its CIFAR ResNets (``F.upsample``,
+    ``align_corners=False``). Computed without gradients and in eval mode (no head dropout)."""
+    with _eval_mode(model):
+        if final.dim() == 3:  # tokens [B, N, D]: the patch tokens after the prefix (CLS, registers)
+            if upsample != "none":
+                raise ValueError(f"upsample={upsample!r} needs a spatial feature map; "
+                                 f"{type(model).__name__} gives tokens")
+            prefix = getattr(model, "num_prefix_tokens", 0)
+            tokens = final[:, prefix:]
+            B, L, D = tokens.shape
+            cells = tokens.reshape(B * L, 1, D).expand(B * L, prefix + 1, D)
+        elif final.dim() == 4:
+            channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
+            nchw = final.permute(0, 3, 1, 2) if channels_last else final
+            if upsample != "none":
+                nchw = F.interpolate(nchw, scale_factor=2.0, mode=upsample, align_corners=False)
+            B, D, H, W = nchw.shape
+            L = H * W
+            cells = nchw.permute(0, 2, 3, 1).reshape(B * L, D)
+            cells = cells[:, None, None, :] if channels_last else cells[:, :, None, None]
+        else:
+            raise ValueError(f"{type(model).__name__}.forward_features gives shape {tuple(final.shape)}, "
+                             f"neither a feature map nor tokens")
+        return model.forward_head(cells).reshape(B, L, -1)
 
 
 # ---- several maps at once, by stage index or by submodule (the feature-distillation methods) ----

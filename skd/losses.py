@@ -18,7 +18,8 @@ from skd_kernels import mixup_cross_entropy, pskd_loss
 
 __all__ = [
     "cross_entropy", "kd_loss", "cskd_loss", "tfkd_reg_loss", "tfkd_self_loss", "nkd_loss",
-    "uskd_loss", "ickd_loss", "dlb_loss", "byot_loss", "pskd_loss", "mixup_cross_entropy",
+    "uskd_loss", "dense_votes", "zipf_ls_loss", "bake_soft_targets", "bake_loss", "ickd_loss", "dlb_loss",
+    "byot_loss", "pskd_loss", "mixup_cross_entropy",
 ]
 
 _KL_REDUCTIONS = ("mean", "batchmean")
@@ -266,6 +267,100 @@ def uskd_loss(
     loss_nt = -(zipf_nt * log_s_nt).sum(1).mean()
 
     return alpha * loss_t + beta * loss_nt + loss_weak
+
+
+def _min_ranks(scores_NC: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each class by descending score, ties sharing their lowest rank (scipy's
+    ``rankdata(-scores, method="min")``): 1 + the number of strictly larger scores in the row."""
+    N, C = scores_NC.shape
+    values, order = scores_NC.sort(dim=1, descending=True)
+    positions = torch.arange(C, device=scores_NC.device).expand(N, C)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    # Each sorted slot takes the position where its run of equal scores starts.
+    first = torch.where(starts, positions, 0).cummax(dim=1).values
+    return torch.empty_like(first).scatter_(1, order, first) + 1
+
+
+def dense_votes(location_logits: torch.Tensor) -> torch.Tensor:
+    """``[N, C]``: how many locations of each sample (``location_logits`` ``[N, L, C]``) predict
+    each class (argmax per location), as float counts. Zipf's LS ranks the classes by these votes
+    (the official ``--dense``)."""
+    N, L, C = location_logits.shape
+    winners_NL = location_logits.argmax(dim=2)
+    votes_NC = torch.zeros(N, C, device=location_logits.device)
+    return votes_NC.scatter_add_(1, winners_NL, torch.ones_like(winners_NL, dtype=votes_NC.dtype))
+
+
+def zipf_ls_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    rank_scores: torch.Tensor | None = None,
+    power: float = 1.0,
+) -> torch.Tensor:
+    """Zipf's LS non-target term, ``megvii-research/zipfls`` ``pytorch_zipfls/losses.py::zipf_loss``
+    (docs/methods.md §13.1)::
+
+        rank   = 1-based rank of each class by descending ``rank_scores`` (target included; ties
+                 share the lowest rank), from the dense votes or, without them, the logits
+        zipf_c = rank_c^(−power) over the non-target classes, renormalised; detached
+        L      = mean_n KL(zipf ‖ softmax(z_¬t))           # the target column removed, T = 1
+
+    The CE is not included. The KL goes through ``skd_kernels.softmax_kl`` with the Zipf weights as
+    teacher logits ``−power·log rank`` (their softmax is the renormalised Zipf distribution).
+    """
+    label_N1 = labels.view(-1, 1)
+    with torch.no_grad():
+        scores_NC = (logits if rank_scores is None else rank_scores).detach()
+        ranks_NC = _min_ranks(_acc(scores_NC)).to(_acc(logits).dtype)
+        zipf_logits = -power * torch.log(_drop_columns(ranks_NC, label_N1))
+    return skd_kernels.softmax_kl(_drop_columns(logits, label_N1), zipf_logits, 1.0)
+
+
+def bake_soft_targets(
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    temperature: float = 4.0,
+    omega: float = 0.5,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BAKE's batch knowledge ensembling, ``yxgeee/BAKE`` ``imagenet/pycls/core/trainer.py::
+    knowledge_ensemble`` (docs/methods.md §14.1), over the ``B`` rows given (the global batch)::
+
+        f̂ = L2-normalised features,   P = softmax(z/T)
+        A = row-softmax of f̂ f̂ᵀ − 10⁹·I                 (no affinity to itself)
+        Q = (1 − ω)·(I − ω·A)⁻¹ · P                      (the propagation summed to infinity)
+
+    ``valid`` (bool ``[B]``) marks real rows among padded ones: padded rows neither give nor get
+    any affinity, so the real rows' targets equal those of the batch without them. Computed in
+    fp32 (fp64 for fp64 inputs) with autocast off and without gradients; ``(I − ω·A) X = P`` is
+    solved rather than inverted (the same result, fewer operations, no host synchronisation).
+    """
+    with torch.no_grad(), _no_autocast(logits):
+        f_BD = F.normalize(_acc(features), dim=1)
+        p_BC = F.softmax(_acc(logits) / temperature, dim=1)
+        B = p_BC.shape[0]
+        eye_BB = torch.eye(B, dtype=p_BC.dtype, device=p_BC.device)
+        affinity_BB = f_BD @ f_BD.t() - eye_BB * 1e9
+        if valid is not None:
+            affinity_BB = affinity_BB.masked_fill(~valid[None, :], float("-inf"))
+        a_BB = F.softmax(affinity_BB, dim=1)
+        if valid is not None:
+            a_BB = a_BB * valid[:, None]
+        q_BC = torch.linalg.solve_ex(eye_BB - omega * a_BB, p_BC).result
+        return (1 - omega) * q_BC
+
+
+def bake_loss(logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """BAKE's distillation term, the official ``KDLoss``: ``T²·KL(Q ‖ softmax(z/T))``, summed over
+    classes and averaged over rows; ``soft_targets`` Q (``bake_soft_targets``) get no gradient.
+
+    Through ``skd_kernels.softmax_kl`` with teacher logits ``T·log Q`` (their tempered softmax is
+    Q; a zero of Q, which the official ``KLDivLoss`` counts as 0, is clamped to the smallest
+    positive float, whose term is as good as 0)."""
+    q_BC = _acc(soft_targets).detach()
+    return skd_kernels.softmax_kl(logits, temperature * q_BC.clamp_min(torch.finfo(q_BC.dtype).tiny).log(),
+                                  temperature)
 
 
 def ickd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,

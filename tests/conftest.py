@@ -33,6 +33,16 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread, and far faster than on two when the machine's two
+    cores are shared with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,8 +1,10 @@
 """Two CPU processes (gloo). Two simulated nodes of one process each, started by
 launch/local_multinode.sh as SLURM starts real nodes: one synchronised DDP run of PS-KD with its
 memory sharded over the two ranks, then the run resumed mid-epoch on one process (the memory
-re-sharded, the epoch continued). And DLB and BYOT under torchrun: resumed exactly on two
-processes, DLB also continued on one."""
+re-sharded, the epoch continued). Two processes started without a launcher: what a run reports
+equals `skd eval` of what it saved, and a failure on one process stops both. DLB and BYOT under
+torchrun: resumed exactly on two processes, DLB also continued on one. Zipf's LS and BAKE trained
+and resumed on two spawned processes, and BAKE's global batch."""
 import json
 import os
 import shutil
@@ -14,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import assert_same_final_state, copy_run_until
 
-from skd.checkpoint import list_checkpoints, load_checkpoint, load_parts
+from skd.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_parts
 from skd.config import load_config
 from skd.data import DatasetInfo, plan_epoch, resolve_shard_dir
 from skd.train import main as train_main
@@ -68,10 +71,7 @@ def test_two_nodes_sharded_pskd_then_resumed_on_one_process(tmp_path):
     # it and the loader continues the epoch from sample 640, so at the end of epoch 0 every
     # sample has been trained on once: every row of the memory is written.
     single = tmp_path / "single"
-    shutil.copytree(run, single)
-    for p in list_checkpoints(single):
-        if load_checkpoint(p)["step"] > 10:
-            p.unlink()
+    copy_run_until(run, single, step=10)
     assert train_main([*ARGS, "data.num_workers=0", f"output_dir={single}", "resume=auto"]) == 0
     end_of_epoch_0 = [p for p in list_checkpoints(single) if load_checkpoint(p)["loader"]["epoch"] == 1
                       and load_checkpoint(p)["loader"]["batches"] == 0]
@@ -209,3 +209,75 @@ def test_dlb_and_byot_on_two_processes_resume_exactly_and_dlb_continues_on_one(t
         torch.set_num_threads(threads)
     last = [json.loads(line) for line in (single / "history.jsonl").read_text().splitlines()][-1]
     assert last["epoch"] == 1 and last["dlb_targets_found"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Zipf's LS and BAKE on two processes: one spawn for all of it (start-up is the expensive part)
+# ------------------------------------------------------------------------------------------------
+SELF_KD = {"zipfls": ["method.dense_upsample=bilinear"], "bake": []}
+SELF_KD_ARGS = ["model.name=resnet8_cifar", "data.img_size=8", "epochs=1", "data.batch_size=128",
+                "data.num_workers=0", "log_with=[]", "log_every=4", "checkpoint_every=4",
+                "keep_checkpoints=0", "sched.warmup_epochs=0"]
+BAKE_ROWS = (5, 3)  # rank 1's batch is short: padded to rank 0's for the gather
+
+
+def _bake_batch(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 6, generator=g), 3 * torch.randn(rows, 10, generator=g)
+
+
+def _self_kd_worker(rank: int, ports: list[int], root: str) -> None:
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState
+
+    from skd.config import load_config
+    from skd.methods import DataSpec, create_method, get_method_config_class
+    from skd.train import train
+
+    os.environ.update(ACCELERATE_USE_CPU="1", MASTER_ADDR="127.0.0.1", WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_PORT=str(ports[0]))
+    torch.set_num_threads(1)
+    # BAKE's soft targets over the global batch: each rank its own rows of it.
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    bake = create_method(get_method_config_class("bake")(name="bake", intra_imgs=0),
+                         torch.nn.Linear(6, 10), DataSpec(10, 100, max(BAKE_ROWS)))
+    features, logits = _bake_batch(BAKE_ROWS[rank], seed=rank)
+    torch.save(bake.soft_targets(features, logits), os.path.join(root, f"bake_targets_{rank}.pt"))
+    dist.destroy_process_group()
+
+    # Each method trained for an epoch, then again from the checkpoint of step 8.
+    for i, (method, extra) in enumerate(SELF_KD.items()):
+        full, resumed = os.path.join(root, method), os.path.join(root, f"{method}_resumed")
+        args = [*SELF_KD_ARGS, f"method.name={method}", *extra]
+        for port, out, more in ((ports[1 + 2 * i], full, []), (ports[2 + 2 * i], resumed, ["resume=auto"])):
+            if more and rank == 0:  # the other rank waits in the next rendezvous
+                copy_run_until(Path(full), Path(resumed), step=8)
+            os.environ["MASTER_PORT"] = str(port)
+            train(load_config(None, [*args, f"output_dir={out}", *more]))
+            # A new process group for the next run (train() destroys its own at the end).
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+    sys.stdout.flush()
+    os._exit(0)  # skips an exit-time abort of gloo after the last collective
+
+
+def test_zipfls_and_bake_on_two_processes_resume_exactly(tmp_path):
+    import torch.multiprocessing as mp
+
+    from skd import losses
+
+    mp.spawn(_self_kd_worker, args=([_free_port() for _ in range(5)], str(tmp_path)), nprocs=2, join=True)
+
+    # BAKE: two processes with their batches give the targets of one process with both batches.
+    (f0, z0), (f1, z1) = (_bake_batch(rows, seed=r) for r, rows in enumerate(BAKE_ROWS))
+    together = losses.bake_soft_targets(torch.cat([f0, f1]), torch.cat([z0, z1]))
+    split = torch.cat([torch.load(tmp_path / f"bake_targets_{r}.pt", weights_only=True) for r in range(2)])
+    torch.testing.assert_close(split, together, rtol=1e-6, atol=1e-7)
+
+    for method in SELF_KD:
+        full, resumed = tmp_path / method, tmp_path / f"{method}_resumed"
+        state = load_checkpoint(latest_checkpoint(full))
+        assert state["step"] == 12 and len(state["rng"]) == 2  # ceil(719 / 64) steps on both ranks
+        history = [json.loads(line) for line in (full / "history.jsonl").read_text().splitlines()]
+        assert all(torch.isfinite(torch.tensor(v)) for k, v in history[0].items() if k.startswith("train_"))
+        assert_same_final_state(resumed, full)  # resumed from step 8 on two processes

@@ -435,12 +435,14 @@ def test_pskd_loss_is_the_kernel():
 
 
 @pytest.mark.parametrize("fn", [losses.kd_loss, losses.cskd_loss, losses.nkd_loss,
-                                losses.uskd_loss, losses.tfkd_self_loss])
+                                losses.uskd_loss, losses.tfkd_self_loss, losses.zipf_ls_loss,
+                                losses.bake_loss])
 def test_bf16_logits_give_fp32_loss(fn):
     z, t = (_logits(N, C, seed=seed).detach().bfloat16() for seed in (0, 2))
     y = _labels()
     args = {losses.kd_loss: (z, t, 4.0), losses.cskd_loss: (z, t, y), losses.nkd_loss: (z, t, y),
-            losses.uskd_loss: (z, t, y), losses.tfkd_self_loss: (z, t, y, 4.0, 0.9, 1.0)}[fn]
+            losses.uskd_loss: (z, t, y), losses.tfkd_self_loss: (z, t, y, 4.0, 0.9, 1.0),
+            losses.zipf_ls_loss: (z, y), losses.bake_loss: (z, losses.bake_soft_targets(t, t))}[fn]
     out = fn(*args)
     assert out.dtype == torch.float32 and torch.isfinite(out)
 
@@ -464,3 +466,99 @@ def test_drop_columns_removes_each_rows_labels_in_order(k):
     labels = torch.stack([torch.randperm(7, generator=g)[:k] for _ in range(6)])
     expected = torch.stack([x[i, [c for c in range(7) if c not in labels[i].tolist()]] for i in range(6)])
     assert torch.equal(_drop_columns(x, labels), expected)
+
+
+# ---- Zipf's LS --------------------------------------------------------------------------------
+
+def _zipf_ref(z, labels, dense_argmax=None, power=1.0):
+    """megvii-research/zipfls pytorch_zipfls/losses.py: ``gen_pdf`` (distribution 'rank_zipf',
+    rank 'hard': scipy's rankdata 'min' of the negated scores; with ``dense`` the scores are the
+    per-location argmax votes, scattered as the official code does) and ``kl_loss`` (the target
+    column masked out, ``F.kl_div(..., reduction='none').sum(1).mean()``)."""
+    from scipy.stats import rankdata
+    n, c = z.shape
+    scores = z.detach()
+    if dense_argmax is not None:
+        count = dense_argmax.shape[1]
+        scores = torch.zeros(n, max(c, count)).scatter_add(1, dense_argmax, torch.ones(n, count))[:, :c]
+    rank = rankdata(-scores.numpy(), axis=1, method="min")
+    dist = (1 / rank) ** power
+    mask = torch.ones(n, c).scatter_(1, labels.unsqueeze(1), 0.0).bool()
+    dist = dist[mask.numpy()].reshape(n, c - 1)
+    pdf = torch.tensor(dist / dist.sum(axis=1, keepdims=True), dtype=torch.float64)
+    res = F.log_softmax(z[mask].view(n, c - 1), dim=1)
+    return F.kl_div(res, pdf, reduction="none").sum(1).mean()
+
+
+def test_min_ranks_match_scipy_rankdata_with_ties():
+    from scipy.stats import rankdata
+    from skd.losses import _min_ranks
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (7, 300), generator=g).float()  # mostly ties
+    assert torch.equal(_min_ranks(scores), torch.from_numpy(rankdata(-scores.numpy(), axis=1, method="min")))
+    distinct = torch.randn(3, 50, generator=g)
+    assert torch.equal(_min_ranks(distinct), torch.from_numpy(rankdata(-distinct.numpy(), axis=1, method="min")))
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_zipf_ls_loss_ranked_by_logits_matches_official(power):
+    z, y = _logits(N, C), _labels()
+    with torch.no_grad():
+        z[0, 3] = z[0, 5]  # a tie: both classes share the lower rank
+    value, grads = _ref_grad(lambda z: _zipf_ref(z, y, power=power), z)
+    _check(losses.zipf_ls_loss(z, y, power=power), [z], value, grads)
+
+
+@pytest.mark.parametrize("locations", [4, 16])
+def test_zipf_ls_loss_ranked_by_dense_votes_matches_official(locations):
+    """Few locations against 11 classes: most classes get no vote and share one rank."""
+    z, y = _logits(N, C), _labels()
+    location_logits = _logits(N, locations, C, seed=3).detach()
+    votes = losses.dense_votes(location_logits)
+    assert votes.shape == (N, C) and torch.equal(votes.sum(1), torch.full((N,), float(locations)))
+    dense_argmax = location_logits.argmax(2)
+    value, grads = _ref_grad(lambda z: _zipf_ref(z, y, dense_argmax), z)
+    _check(losses.zipf_ls_loss(z, y, votes), [z], value, grads)
+
+
+# ---- BAKE -------------------------------------------------------------------------------------
+
+def _knowledge_ensemble_ref(feats, logits, temp, omega):
+    """yxgeee/BAKE imagenet/pycls/core/trainer.py::knowledge_ensemble (one process), float64."""
+    batch_size = logits.size(0)
+    masks = torch.eye(batch_size, dtype=torch.float64)
+    feats = F.normalize(feats, p=2, dim=1)
+    logits = F.softmax(logits / temp, dim=1)
+    W = torch.matmul(feats, feats.permute(1, 0)) - masks * 1e9
+    W = F.softmax(W, dim=1)
+    W = (1 - omega) * torch.inverse(masks - omega * W)
+    return torch.matmul(W, logits)
+
+
+def _bake_kd_ref(z, targets, temp):
+    """The official KDLoss: KLDivLoss(reduction='sum')(log_softmax(z/T), Q)·T²/B."""
+    log_p = torch.log_softmax(z / temp, dim=1)
+    return nn.KLDivLoss(reduction="sum")(log_p, targets) * temp ** 2 / z.size(0)
+
+
+@pytest.mark.parametrize("temp, omega", [(4.0, 0.5), (1.0, 0.9)])
+def test_bake_soft_targets_and_loss_match_official(temp, omega):
+    feats, z = _logits(N, 5, scale=1.0, seed=4), _logits(N, C)
+    targets = losses.bake_soft_targets(feats, z, temp, omega)
+    want = _knowledge_ensemble_ref(feats.detach().double(), z.detach().double(), temp, omega)
+    assert targets.dtype == torch.float32 and not targets.requires_grad
+    torch.testing.assert_close(targets.double(), want, **TOL)
+    torch.testing.assert_close(targets.sum(1), torch.ones(N))  # each row a distribution
+    value, grads = _ref_grad(lambda z: _bake_kd_ref(z, want, temp), z)
+    _check(losses.bake_loss(z, targets, temp), [z], value, grads)
+
+
+def test_bake_padded_rows_change_no_real_target():
+    """Padded rows (zero features and logits) marked invalid give the real rows the targets of
+    the batch without them, wherever they sit."""
+    feats, z = _logits(N, 5, scale=1.0, seed=4).detach(), _logits(N, C).detach()
+    valid = torch.tensor([True, True, False, True, True, False, True, True, False])
+    padded_f, padded_z = torch.zeros(len(valid), 5), torch.zeros(len(valid), C)
+    padded_f[valid], padded_z[valid] = feats[:valid.sum()], z[:valid.sum()]
+    got = losses.bake_soft_targets(padded_f, padded_z, valid=valid)[valid]
+    torch.testing.assert_close(got, losses.bake_soft_targets(feats, z), rtol=1e-6, atol=1e-7)

@@ -30,13 +30,7 @@ FAST = [f"model.name={MODEL}", "log_with=[]", "data.batch_size=128", "data.num_w
 DATA = DataSpec(num_classes=10, num_samples=100, batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the CI machine's two cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -454,8 +448,11 @@ def test_every_method_config_has_defaults():
     assert cskd.train_loader_options(cskd.Config(exclude_self_pair=True))["exclude_self_pair"]
     dlb = get_method_class("dlb")
     assert dlb.train_loader_options(dlb.Config()) == {"repeat_previous": True}
+    bake = get_method_class("bake")  # BAKE's intra-class image is never the anchor itself
+    assert bake.train_loader_options(bake.Config()) == {"with_partner": True, "exclude_self_pair": True}
+    assert bake.train_loader_options(bake.Config(intra_imgs=0)) == {}
     assert not any(get_method_class(n).train_loader_options(get_method_class(n).Config())
-                   for n in list_methods() if n not in ("cskd", "dlb"))
+                   for n in list_methods() if n not in ("cskd", "dlb", "bake"))
 
 
 # ------------------------------------------------------------------ a teacher's own normalisation
@@ -531,3 +528,93 @@ def test_a_teacher_at_another_resolution_gets_resized_inputs(tmp_path):
     expected = torch.nn.functional.interpolate(images, size=(48, 48), mode="bilinear", antialias=True)
     torch.testing.assert_close(seen, expected)
     assert "resized from 32 to 48 px" in method.notes()[0]
+
+
+
+# ------------------------------------------------------------------------------ Zipf's LS, BAKE
+
+def _sgd_steps(method_loss, reference_loss, steps=3):
+    """Train two float64 copies of one resnet8_cifar for a few SGD steps, one with the method's
+    loss and one with a reference loss written after the official code, on the same batches;
+    return both models (weights and BatchNorm statistics carry over from step to step)."""
+    model = timm.create_model("resnet8_cifar", num_classes=C_SMALL).double()
+    reference = timm.create_model("resnet8_cifar", num_classes=C_SMALL).double()
+    reference.load_state_dict(model.state_dict())
+    method = method_loss(model)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (method, reference))
+    g = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        batch = {"image": torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64),
+                 "partner": torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64),
+                 "label": torch.randint(0, C_SMALL, (8,), generator=g)}
+        for m, o, loss in ((method.train(), opt, lambda: method(batch)["loss"]),
+                           (reference.train(), ref_opt, lambda: reference_loss(reference, batch))):
+            o.zero_grad()
+            loss().backward()
+            o.step()
+    return model, reference
+
+
+C_SMALL = 7
+
+
+@pytest.mark.parametrize("upsample", ["none", "bilinear"])
+def test_zipfls_trains_as_the_official_loop(upsample):
+    """pytorch_zipfls/train.py with ``--dense``: CE + λ·zipf_loss, the dense votes the argmax of
+    the classifier at every location of the last map (×2 bilinear with ``--upsample``)."""
+    from test_losses import _zipf_ref
+    cfg = get_method_config_class("zipfls")(name="zipfls", lam=0.1, dense_upsample=upsample)
+
+    def official(model, batch):
+        featmap = model.forward_features(batch["image"])
+        logits = model.forward_head(featmap)
+        tmp = featmap if upsample == "none" else torch.nn.functional.interpolate(
+            featmap, scale_factor=2.0, mode=upsample, align_corners=False)
+        n, c, h, w = tmp.size()
+        dense = model.get_classifier()(tmp.permute(0, 2, 3, 1).reshape(n * h * w, c)).reshape(n, h * w, -1).argmax(2)
+        ce = torch.nn.functional.cross_entropy(logits, batch["label"])
+        return ce + 0.1 * _zipf_ref(logits, batch["label"], dense)
+
+    model, reference = _sgd_steps(lambda m: create_method(cfg, m, DataSpec(C_SMALL, 100, 8)), official)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_bake_trains_as_the_official_loop():
+    """imagenet/pycls/core/trainer.py with ``INTRA_IMGS: 1`` on one process: anchors and their
+    intra-class images in one batch, CE + λ·KDLoss against the ensembled targets."""
+    from test_losses import _bake_kd_ref, _knowledge_ensemble_ref
+    cfg = get_method_config_class("bake")(name="bake", omega=0.9)
+
+    def official(model, batch):
+        x = torch.cat([batch["image"], batch["partner"]])
+        y = torch.cat([batch["label"], batch["label"]])
+        feas = model.forward_features(x).mean((2, 3))
+        preds = model.get_classifier()(feas)
+        with torch.no_grad():
+            kd_targets = _knowledge_ensemble_ref(feas.detach(), preds.detach(), 4.0, 0.9)
+        return torch.nn.functional.cross_entropy(preds, y) + 1.0 * _bake_kd_ref(preds, kd_targets, 4.0)
+
+    model, reference = _sgd_steps(lambda m: create_method(cfg, m, DataSpec(C_SMALL, 100, 8)), official)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("name", ["zipfls", "bake"])
+def test_zipfls_and_bake_train_a_vit(name):
+    """On a ViT the dense votes come from the patch tokens and BAKE's features from the
+    pre-logits token; both train (gradients reach the patch embedding)."""
+    model = timm.create_model("test_vit", num_classes=10)
+    cfg = get_method_config_class(name)(name=name)
+    method = create_method(cfg, model, DATA).train()
+    size = model.pretrained_cfg["input_size"][1:]
+    batch = {"image": torch.randn(4, 3, *size), "partner": torch.randn(4, 3, *size),
+             "label": torch.randint(0, 10, (4,)), "index": torch.arange(4)}
+    out = method(batch)
+    out["loss"].backward()
+    assert out["logits"].shape == (4, 10) and torch.isfinite(out["loss"])
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+    if name == "zipfls":
+        from skd.features import location_logits
+        votes = losses.dense_votes(location_logits(model, model.forward_features(batch["image"])))
+        assert torch.equal(votes.sum(1), torch.full((4,), float(model.patch_embed.num_patches)))

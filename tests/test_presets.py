@@ -167,11 +167,13 @@ def test_vit_presets_build_the_official_optimizer(path):
 
 
 def test_pca_lighting_where_the_official_pipeline_has_it():
-    """PS-KD's ImageNet loader (every row of its table) and pycls's RegNet pipeline."""
-    lit = {p.name for p in PRESETS if load_config(p).data.pca_lighting}
-    imagenet_resnet152 = {p.name for p in CONFIGS.glob("imagenet/resnet152_*.yaml")}
-    assert lit == imagenet_resnet152 | {"regnetx_016_uskd.yaml"}
-    assert all(load_config(CONFIGS / "imagenet" / name).data.pca_lighting == 0.1 for name in lit)
+    """PS-KD's ImageNet loader (every row of its table) and pycls's pipeline (the RegNet USKD row
+    and BAKE's ImageNet rows)."""
+    lit = {p.relative_to(CONFIGS).as_posix() for p in PRESETS if load_config(p).data.pca_lighting}
+    pycls = {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.glob("imagenet/bake/*.yaml")}
+    imagenet_resnet152 = {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.glob("imagenet/resnet152_*.yaml")}
+    assert lit == imagenet_resnet152 | pycls | {"imagenet/regnetx_016_uskd.yaml"}
+    assert all(load_config(CONFIGS / name).data.pca_lighting == 0.1 for name in lit)
 
 
 PRESETS_PAGE = CONFIGS.parent / "docs" / "presets.md"
@@ -184,7 +186,52 @@ def test_presets_page_lists_every_preset():
     page = PRESETS_PAGE.read_text()
     table = page[page.index("| preset | method | student ← teacher"):]
     named = set(re.findall(r"\| `([a-z0-9_/]+\.yaml)` \|", table))
+    named |= set(re.findall(r"`configs/([a-z0-9_/]+\.yaml)`", (CONFIGS.parent / "docs" / "methods.md").read_text()))
     patterns = re.findall(r"\| `([a-z0-9_/]+)_\*\.yaml` \(7 pairs\)", table)
     for preset in PRESETS:
         rel = preset.relative_to(CONFIGS).as_posix()
         assert rel in named or any(rel.startswith(p + "_") for p in patterns), rel
+
+
+# Presets that fill a cell of a paper's table say which: reference.table_id (a configs/tables file),
+# row, column, expected (± expected_std), and whether the paper's number is the best or the last epoch.
+CELL_PRESETS = [p for p in PRESETS if "table_id" in load_yaml(p)["reference"]]
+
+
+@pytest.mark.parametrize("path", TABLES, ids=[p.name for p in TABLES])
+def test_every_cell_of_a_table_has_a_preset_or_a_reason(path):
+    table = load_yaml(path)
+    assert {"title", "source", "metric", "display", "rows", "columns", "missing"} <= set(table)
+    assert table["display"] in ("accuracy", "error") and table["metric"] in METRICS
+    cells = {}
+    for preset in CELL_PRESETS:
+        ref = load_yaml(preset)["reference"]
+        if ref["table_id"] == path.stem:
+            cell = (ref["row"], ref["column"])
+            assert cell not in cells, f"{preset.name} and {cells.get(cell)} fill one cell"
+            assert ref["metric"] == table["metric"] and ref["compare"] in ("best", "last"), preset.name
+            assert isinstance(ref.get("expected_std", 0.0), numbers.Real), preset.name
+            cells[cell] = preset.name
+    missing = {(m["row"], m["column"]): m["reason"] for m in table["missing"]}
+    assert all(reason for reason in missing.values())
+    grid = {(row, column) for row in table["rows"] for column in table["columns"]}
+    assert set(cells) | set(missing) == grid and not set(cells) & set(missing)
+
+
+def test_cell_presets_name_an_existing_table():
+    assert {load_yaml(p)["reference"]["table_id"] for p in CELL_PRESETS} <= {p.stem for p in TABLES}
+
+
+def test_zipfls_and_bake_presets_keep_the_official_settings():
+    """Zipf's LS: the dense votes everywhere, upsampled ×2 for the ResNet-18 only (the official
+    CIFAR DenseNet ignores --upsample); BAKE: one intra-class image per anchor, so a step sees
+    twice data.batch_size images (512 on ImageNet), over the global batch."""
+    for path in CELL_PRESETS:
+        cfg = load_config(path)
+        if cfg.method.name == "zipfls":
+            assert cfg.method.dense
+            assert cfg.method.dense_upsample == ("bilinear" if "resnet18" in cfg.model.name else "none")
+        if cfg.method.name == "bake":
+            assert cfg.method.intra_imgs == 1 and cfg.method.global_batch
+            if path.parent.parent.name == "imagenet":
+                assert 2 * cfg.data.batch_size == 512

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +93,24 @@ def _final_state(run: Path) -> tuple[dict, dict]:
     return load_file(run / "model.safetensors"), json.loads((run / "metrics.json").read_text())
 
 
+def copy_run_until(run: Path, dest: Path, step: int) -> None:
+    """``run`` copied to ``dest`` as it was when the checkpoint of ``step`` had just been written
+    (the later checkpoints removed), for a ``resume=auto`` from there."""
+    shutil.copytree(run, dest)
+    for path in list_checkpoints(dest):
+        if load_checkpoint(path)["step"] > step:
+            path.unlink()
+
+
+def assert_same_final_state(run: Path, reference: Path) -> None:
+    """The same final weights and metrics, bit for bit."""
+    (weights, metrics), (ref_weights, ref_metrics) = _final_state(run), _final_state(reference)
+    assert weights.keys() == ref_weights.keys()
+    for k in ref_weights:
+        assert torch.equal(weights[k], ref_weights[k]), k
+    assert metrics == ref_metrics
+
+
 def test_resume_after_sigterm_and_kill9_gives_identical_results(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     reference = tmp_path / "reference"
@@ -121,12 +140,7 @@ def test_resume_after_sigterm_and_kill9_gives_identical_results(tmp_path):
     assert state["epoch"] == 1 and state["loader"]["batches"] > 0
     subprocess.run(_cli(run, "resume=auto"), check=True, env=env, capture_output=True)
 
-    ref_weights, ref_metrics = _final_state(reference)
-    weights, metrics = _final_state(run)
-    assert weights.keys() == ref_weights.keys()
-    for k in ref_weights:
-        assert torch.equal(weights[k], ref_weights[k]), k
-    assert metrics == ref_metrics
+    assert_same_final_state(run, reference)
     # Both interrupted epochs' train losses cover their batches before the resume too.
     assert _history(run) == _history(reference)
 
@@ -268,3 +282,16 @@ def test_tensorboard_tags_are_grouped_and_a_resumed_run_writes_into_the_same_run
             "val/top1", "val/nll", "val/ece", "val/aurc"} <= tags
     assert not {t for t in tags if "." in t}  # no dotted tags such as val.top1
     assert [e.step for e in events.Scalars("val/top1")] == [23, 46]  # both starts, one run
+
+
+@pytest.mark.parametrize("method, extra", [("zipfls", ["method.dense_upsample=bilinear"]), ("bake", [])])
+def test_zipfls_and_bake_resume_exactly(tmp_path, one_thread, method, extra):
+    """An epoch of 12 steps, and the same run resumed from the checkpoint of step 8 (the two-process
+    runs are in test_distributed.py)."""
+    args = [*FAST, "data.img_size=8", "data.batch_size=128", "epochs=1", "checkpoint_every=4",
+            "keep_checkpoints=0", f"method.name={method}", *extra]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(load_config(None, [*args, f"output_dir={full}"]))
+    copy_run_until(full, resumed, step=8)
+    train(load_config(None, [*args, f"output_dir={resumed}", "resume=auto"]))
+    assert_same_final_state(resumed, full)

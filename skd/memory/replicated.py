@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from skd.memory.rows import Fields, FetchedRows, check_state, last_write_wins, on_device, world
-
-# torch >= 2.10 renamed all_gather_into_tensor (now deprecated, with a warning per call).
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from skd.collectives import all_gather, pad_rows, world
+from skd.memory.rows import Fields, FetchedRows, check_state, last_write_wins, on_device
 
 
 class ReplicatedRows(nn.Module):
@@ -51,11 +47,9 @@ class ReplicatedRows(nn.Module):
                              f"pads its batch to (the per-process batch size)")
         tensors = self.tensors_on(index.device)
         rows = {name: rows[name].to(t.dtype) for name, t in tensors.items()}
-        _, world_size = world()
-        if world_size > 1:
-            pad = capacity - index.shape[0]
-            index = _gather(F.pad(index, (0, pad), value=self.num_samples), world_size)
-            rows = {name: _gather(F.pad(r, (0, 0, 0, pad)), world_size) for name, r in rows.items()}
+        if world()[1] > 1:
+            index = all_gather(pad_rows(index, capacity, value=self.num_samples))
+            rows = {name: all_gather(pad_rows(r, capacity)) for name, r in rows.items()}
         index = last_write_wins(index, self.num_samples)
         for name, t in tensors.items():
             t[index] = rows[name]
@@ -68,12 +62,6 @@ class ReplicatedRows(nn.Module):
         device = None if self._tensors is None else next(iter(self._tensors.values())).device
         self._tensors = {name: state[name].to(device=device, dtype=dtype)
                          for name, (_, dtype) in self.fields.items()}
-
-
-def _gather(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    out = x.new_empty(world_size * x.shape[0], *x.shape[1:])
-    _all_gather_single(out, x.contiguous())
-    return out
 
 
 class SoftTargetMemory(ReplicatedRows):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 
 from skd.errors import CheckpointError
 
@@ -58,13 +57,6 @@ def check_state(state: dict[str, torch.Tensor], fields: Fields, num_rows: int, w
         if tuple(state[name].shape) != (num_rows, width):
             raise CheckpointError(f"{what}: '{name}' has shape {tuple(state[name].shape)}, expected "
                                   f"{(num_rows, width)}")
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def last_write_wins(index: torch.Tensor, scratch: int) -> torch.Tensor:

@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from skd.collectives import world
 from skd.errors import CheckpointError
-from skd.memory.rows import Fields, FetchedRows, check_state, last_write_wins, on_device, world
+from skd.memory.rows import Fields, FetchedRows, check_state, last_write_wins, on_device
 
 
 _PART_META = ("row_start", "num_samples")

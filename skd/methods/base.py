@@ -49,8 +49,9 @@ class Method(nn.Module):
     """Base class. Subclasses define ``Config`` and ``forward``; the rest is optional."""
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    image_keys: ClassVar[tuple[str, ...]] = ("image",)
-    """Batch entries that are image tensors ``[B, 3, H, W]`` (put in the model's memory format)."""
+    image_keys: tuple[str, ...] = ("image",)
+    """Batch entries that are image tensors ``[B, 3, H, W]`` (put in the model's memory format); a
+    method whose config decides what the loader delivers sets its own in ``__init__`` (BAKE)."""
     supports_mixup: ClassVar[bool] = False
     """Whether the method trains on Mixup/CutMix batches (``skd.mixup``: mixed images, plus
     ``target``, ``mix_lam``, ``mix_partner`` and ``mix_smoothing`` describing their soft targets).
