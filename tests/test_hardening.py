@@ -100,7 +100,7 @@ def test_disk_full_while_checkpointing_names_the_intact_checkpoint(tmp_path, mon
     with pytest.raises(CheckpointWriteError, match=r"cannot write checkpoint .*step-000000005\.pt: the disk is "
                                                    r"full; the newest intact checkpoint is .*step-000000000\.pt"):
         trainer.save({"epoch": 0, "batches": 5})
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000000.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last_good.pt", "step-000000000.pt"]
     # Through the command line: exit status 1 and one line.
     assert train_main(FAST + ["epochs=1", f"output_dir={tmp_path / 'cli'}"]) == 1
     assert "the disk is full; no earlier checkpoint exists" in _error_line(capsys)
