@@ -1,4 +1,5 @@
-"""Every paper preset under configs/ loads strictly and names its source and expected number."""
+"""Every paper preset under configs/ loads strictly and names its source, expected number and
+table cell; every cell of every table in configs/tables/ has exactly one preset or a stated reason."""
 from __future__ import annotations
 
 import functools
@@ -15,10 +16,14 @@ import skd.models  # noqa: F401  registers the CIFAR nets with timm
 from skd.config import load_config, load_yaml
 from skd.features import mid_feature_index, pooled_feature_channels
 from skd.methods import list_methods
+from skd.presets import COMPARE_CHOICES, list_presets
+from skd.tables import list_tables, load_table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "demo.yaml")
+PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "demo.yaml" and p.parent.name != "tables")
 METRICS = {"top1", "top5", "nll", "ece", "aurc", "eaurc"}
+DIGITS = CONFIGS / "digits"
+"""The demo table's presets train on the built-in digits; every other preset leaves the data to the user."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,7 +41,8 @@ def _build(name: str, kwargs: dict) -> torch.nn.Module:
 @pytest.mark.parametrize("path", PRESETS, ids=[str(p.relative_to(CONFIGS)) for p in PRESETS])
 def test_preset_loads_and_names_its_reference(path):
     cfg = load_config(path)  # strict: an unknown key or a wrong type raises
-    assert cfg.data.train == "" and cfg.data.val == "", "the user passes the shard directories"
+    data = "digits" if path.parent == DIGITS else ""
+    assert cfg.data.train == data and cfg.data.val == data, "the user passes the shard directories"
     assert timm.is_model(cfg.model.name), cfg.model.name
     _build(cfg.model.name, cfg.model.kwargs)  # the model kwargs are ones timm accepts
     if hasattr(cfg.method, "teacher_checkpoint") and getattr(cfg.method, "mode", "self") == "self":
@@ -51,6 +57,11 @@ def test_preset_loads_and_names_its_reference(path):
     assert isinstance(ref.get("expected"), numbers.Real), "reference.expected"
     if ref["metric"] in ("top1", "top5"):
         assert 0 < ref["expected"] < 100
+    # The structured fields that place the preset in its table (skd.tables, skd report --paper).
+    assert all(isinstance(ref.get(k), str) and ref[k] for k in ("table_id", "row", "column", "dataset"))
+    assert ref.get("compare") in COMPARE_CHOICES
+    assert ref.get("expected_std") is None or ref["expected_std"] > 0
+    assert (ref["compare"] == "ema") == cfg.ema.enabled, "EMA weights are what an EMA recipe reports"
     # The raw YAML holds every key explicitly (nothing silently inherited from the demo).
     raw = load_yaml(path)
     assert {"epochs", "data", "model", "method", "optim", "sched", "reference"} <= set(raw)
@@ -75,26 +86,50 @@ def test_expected_accuracies_match_the_reported_errors(path):
         assert ref["expected_other"]["top5"] == pytest.approx(100 - float(errors["top-5"]), abs=1e-9)
 
 
-def test_every_cell_of_the_pskd_cifar_table_has_a_preset():
+@pytest.mark.parametrize("table", list_tables(), ids=lambda t: t.table_id)
+def test_every_table_cell_has_exactly_one_preset_or_a_reason(table):
+    assert table.coverage_problems() == []
+    cells = table.cells()
+    assert [(c.row, c.column) for c in cells] == [(r, c) for r in table.rows for c in table.columns]
+    for cell in cells:
+        assert (cell.preset is None) == bool(cell.reason)
+
+
+def test_every_preset_names_an_existing_table_row_and_column():
+    tables = {t.table_id: t for t in list_tables()}
+    assert len(list_presets()) == len(PRESETS)
+    for preset in list_presets():
+        table = tables.get(preset.table_id)
+        assert table is not None, f"{preset.name}: no table {preset.table_id!r}"
+        assert preset.row in table.rows and preset.column in table.columns, preset.name
+
+
+def test_the_seed_tables_and_their_sizes():
+    """The tables skd reproduces, with their cell counts (docs/presets.md quotes them)."""
+    sizes = {t.table_id: (len(t.rows) * len(t.columns), sum(c.preset is not None for c in t.cells()))
+             for t in list_tables()}
+    assert sizes == {"pskd-cifar100": (25, 25), "pskd-imagenet": (10, 5), "cskd-resnet18": (10, 10),
+                     "ickd-cifar100": (105, 104), "nkd-imagenet": (8, 8), "uskd-imagenet": (18, 18),
+                     "demo": (3, 3)}
+
+
+def test_pskd_cifar_cells_hold_their_model_and_method():
     """lgcnsai/PS-KD-Pytorch README, CIFAR-100: 5 models x 5 methods."""
     models = {"PreAct ResNet-18": "preact_resnet18_cifar", "PreAct ResNet-101": "resnet101_cifar",
               "DenseNet-121": "densenet121_cifar", "ResNeXt-29": "resnext29_8x64d_cifar",
               "PyramidNet-200": "pyramidnet200_cifar"}
     methods = {"Baseline": "ce", "LS": "ls", "CS-KD": "cskd", "TF-KD": "tfkd", "PS-KD": "pskd"}
-    cells = {}
-    for path in CONFIGS.glob("cifar100/*.yaml"):
-        raw = load_yaml(path)
-        if raw["reference"]["source"].startswith("lgcnsai/PS-KD-Pytorch"):
-            cells[raw["reference"]["table"]] = (raw["model"]["name"], raw["method"]["name"])
-    expected = {f"CIFAR-100, {label}, {column} column": (model, method)
-                for label, model in models.items() for column, method in methods.items()}
-    assert cells == expected
+    for cell in load_table("pskd-cifar100").cells():
+        raw = load_yaml(cell.preset.path)
+        assert (raw["model"]["name"], raw["method"]["name"]) == (models[cell.row], methods[cell.column])
+        assert cell.preset.compare == "best" and cell.expected == raw["reference"]["expected"]
 
 
 # cls_KD configs/distillers/imagenet/*_sd_img.py: the USKDLoss ``channel`` (its weak head's input).
+# ShuffleNetV2's config says 484, which no stage of the net has: its fea_s[-2] is the 464-channel stage4.
 USKD_CHANNELS = {"resnet18": 256, "resnet50": 1024, "resnet101": 1024, "mobilenetv1_100": 512,
                  "mobilenetv2_100": 320, "regnetx_016": 408, "deit_tiny_patch16_224": 192,
-                 "swin_tiny_patch4_window7_224": 384}
+                 "swin_tiny_patch4_window7_224": 384, "shufflenet_v2_x1_0": 464}
 USKD_IMAGENET = [p for p in PRESETS
                  if p.parent.name == "imagenet" and load_yaml(p)["method"]["name"] == "uskd"]
 
@@ -113,7 +148,8 @@ MIXUP_PRESETS = [p for p in PRESETS if load_yaml(p).get("mixup")]
 def test_mixup_presets_are_the_cls_kd_vit_rows():
     names = {p.name for p in MIXUP_PRESETS}
     assert names == {"deit_tiny_uskd.yaml", "swin_tiny_uskd.yaml", "deit_tiny_nkd_from_deit3_small.yaml",
-                     "deit_base_nkd_from_deit3_large.yaml"}
+                     "deit_base_nkd_from_deit3_large.yaml", "deit_tiny_ce.yaml", "swin_tiny_ce.yaml",
+                     "deit_base_ce.yaml"}
 
 
 @pytest.mark.parametrize("path", MIXUP_PRESETS, ids=[p.name for p in MIXUP_PRESETS])
@@ -141,17 +177,16 @@ def test_pca_lighting_where_the_official_pipeline_has_it():
     """PS-KD's ImageNet loader (every row of its table) and pycls's RegNet pipeline."""
     lit = {p.name for p in PRESETS if load_config(p).data.pca_lighting}
     imagenet_resnet152 = {p.name for p in CONFIGS.glob("imagenet/resnet152_*.yaml")}
-    assert lit == imagenet_resnet152 | {"regnetx_016_uskd.yaml"}
+    assert lit == imagenet_resnet152 | {"regnetx_016_uskd.yaml", "regnetx_016_ce.yaml"}
     assert all(load_config(CONFIGS / "imagenet" / name).data.pca_lighting == 0.1 for name in lit)
 
 
-def test_readme_presets_table_lists_every_preset():
-    """Each preset is in README's table, by name or (the feature-distillation rows) by its method's
-    `<method>_*.yaml` row."""
-    readme = (CONFIGS.parent / "README.md").read_text()
-    table = readme[readme.index("| preset | method | student ← teacher"):]
-    named = set(re.findall(r"\| `([a-z0-9_/]+\.yaml)` \|", table))
-    patterns = re.findall(r"\| `([a-z0-9_/]+)_\*\.yaml` \(7 pairs\)", table)
+def test_docs_list_every_preset():
+    """Each preset is in docs/presets.md's tables, by name or (the feature-distillation rows) by its
+    method's `<method>_*.yaml` row."""
+    doc = (CONFIGS.parent / "docs" / "presets.md").read_text()
+    named = set(re.findall(r"\| `([a-z0-9_/]+\.yaml)` \|", doc))
+    patterns = re.findall(r"\| `([a-z0-9_/]+)_\*\.yaml` \(\d pairs\)", doc)
     for preset in PRESETS:
         rel = preset.relative_to(CONFIGS).as_posix()
         assert rel in named or any(rel.startswith(p + "_") for p in patterns), rel
