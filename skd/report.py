@@ -407,7 +407,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-by", metavar="KEY",
                         help="merge runs whose configs differ only in this config key (usually seed) "
                              "into mean ± std rows")
+    parser.add_argument("--paper", action="store_true",
+                        help="lay the runs out as their paper's table beside the paper's numbers (paper.md, "
+                             "paper.csv, a figure per table; see docs/tables.md); RUN_DIR may then also be a "
+                             "sweep folder or a folder of runs")
+    parser.add_argument("--metric", choices=METRIC_KEYS,
+                        help="with --paper: the metric to compare (default: the table's own)")
     args = parser.parse_args(argv)
+    if args.paper:
+        from skd.paper_report import report_paper
+
+        return report_paper(args.runs, args.out, args.metric)
     try:
         index = write_report(args.runs, args.out, args.group_by)
     except ReportError as e:
