@@ -1,7 +1,8 @@
 """``skd sweep``: the plan of a real table, the SLURM array (dry run, the task with a fake ``srun``
-and ``scontrol``, submission with a fake ``sbatch`` and ``squeue``), and the local executor on the
-demo table end to end: a killed run resumed, a failed run reported and retried, a second
-invocation that skips everything, a run folder of another config refused, the paper report."""
+and ``scontrol``, submission with a fake ``sbatch`` and ``squeue``), and the local executor: GPU
+slots, signals passed on, and the demo table end to end (a killed run resumed, a failed run
+reported and retried, a second invocation that skips everything, a run folder of another config
+refused, the paper report)."""
 from __future__ import annotations
 
 import json
@@ -135,67 +136,57 @@ def test_array_task_resumes_requeues_and_submission_skips_queued_runs(tmp_path, 
     assert not (out / "slurm" / "sweep-3.sbatch").exists()
 
 
-def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"the sweep ended before {what}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_local_sweep_of_the_demo_table_end_to_end(tmp_path, capsys):
-    """Two of the demo table's three cells (its baseline and PS-KD presets) x two seeds, one epoch."""
-    out = tmp_path / "demo"
-    args = ["digits/resnet8_ce", "digits/resnet8_pskd", "--seeds", "0", "1", "--out", str(out), "epochs=1",
-            "log_with=[]", "data.num_workers=0", "checkpoint_every=3"]
-    # One run cannot start: its folder's checkpoints/ is a file (skd train refuses it, exit 2).
-    broken = out / "digits" / "resnet8_pskd" / "seed1"
-    broken.mkdir(parents=True)
-    (broken / "checkpoints").write_text("not a folder")
+    """The demo table's baseline cell, three seeds of one epoch: one run killed mid-epoch and
+    resumed, one that cannot start (failed, retried only when asked), a second invocation that
+    skips everything, a run folder of another config refused, the paper report."""
+    import threading
 
-    sweep = subprocess.Popen([sys.executable, "-m", "skd", "sweep", *args, "--parallel", "2"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = out / "digits" / "resnet8_ce" / "seed0"
-    _wait_for(lambda: any((killed / "checkpoints").glob("step-*.pt")), sweep, "a checkpoint of the first run")
-    pid = json.loads((killed / STATE_FILE).read_text())["pid"]
-    os.kill(pid, signal.SIGKILL)  # mid-epoch, after a checkpoint: as the OOM killer or a crash would
-    output = sweep.communicate(timeout=600)[0]
-    assert sweep.returncode == 1, output
+    out = tmp_path / "demo"
+    args = ["digits/resnet8_ce", "--seeds", "0", "1", "2", "--out", str(out), "epochs=1", "log_with=[]",
+            "data.num_workers=0", "checkpoint_every=3"]
+    killed, done, broken = (out / "digits" / "resnet8_ce" / f"seed{s}" for s in (0, 1, 2))
+    broken.mkdir(parents=True)
+    (broken / "checkpoints").write_text("not a folder")  # skd train refuses this folder: exit 2
+
+    def kill_after_first_checkpoint() -> None:  # mid-epoch, as the OOM killer or a crash would
+        deadline = time.time() + 600
+        while not any((killed / "checkpoints").glob("step-*.pt")) and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(json.loads((killed / STATE_FILE).read_text())["pid"], signal.SIGKILL)
+
+    threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
+    assert sweep_main([*args, "--parallel", "2"]) == 1
+    output = capsys.readouterr().out
     assert "stopped  digits/resnet8_ce seed 0 (signal SIGKILL)" in output
-    assert "FAILED   digits/resnet8_pskd seed 1 (exit 2: bad input" in output and "is a file" in output
-    statuses = {r.label: read_status(r.path(out)).status for r in Sweep.load(out).runs}
-    assert statuses == {"digits/resnet8_ce seed 0": "stopped", "digits/resnet8_ce seed 1": "done",
-                        "digits/resnet8_pskd seed 0": "done", "digits/resnet8_pskd seed 1": "failed"}
+    assert "FAILED   digits/resnet8_ce seed 2 (exit 2: bad input" in output and "is a file" in output
+    assert [read_status(p).status for p in (killed, done, broken)] == ["stopped", "done", "failed"]
 
     # Again: the killed run resumes from its checkpoint; the failed one waits for --retry-failed.
     assert sweep_main(args) == 1
-    printed = capsys.readouterr().out
-    assert "1 to run, 2 done, 1 failed before" in printed and "done     digits/resnet8_ce seed 0" in printed
-    assert "resumed from step" in (killed / "sweep.log").read_text()
+    assert "1 to run, 1 done, 1 failed before" in capsys.readouterr().out
+    assert read_status(killed).status == "done" and "resumed from step" in (killed / "sweep.log").read_text()
     assert [json.loads(line)["epoch"] for line in (killed / "history.jsonl").read_text().splitlines()] == [0]
 
-    # A different recipe into the same folder is refused before anything runs.
+    # A different recipe into the same folders is refused before anything runs.
     assert sweep_main([*args, "epochs=2"]) == 2  # the later override wins
     assert "trained with another config" in capsys.readouterr().err
 
-    (broken / "checkpoints").unlink()
-    assert sweep_main([*args, "--retry-failed"]) == 0
-    assert sweep_main(args) == 0
-    assert "0 to run, 4 done" in capsys.readouterr().out
+    assert sweep_main([*args, "--retry-failed"]) == 1  # tried again, and still cannot start
+    assert json.loads((broken / STATE_FILE).read_text())["attempts"] == 2
+    assert sweep_main(args) == 1
+    assert "0 to run, 2 done, 1 failed before" in capsys.readouterr().out
     assert sweep_main(["--status", str(out)]) == 0
-    assert "4 runs: 4 done" in capsys.readouterr().out
+    assert "3 runs: 2 done, 1 failed" in capsys.readouterr().out
 
-    # The paper report: each cell is the mean of its two runs' last-epoch top-1 (compare: last).
+    # The paper report: the cell is the mean of its two finished runs' last-epoch top-1 (compare: last).
     assert report_main([str(out), "--paper"]) == 0
-    assert "| ResNet-8 |" in capsys.readouterr().out
+    assert "· +1 unfinished · ‡" in capsys.readouterr().out
     (results,), _ = paper_results(find_runs([out]))
-    assert [r.n for r in results] == [2, 0, 2]  # LS: no run
-    for result in (results[0], results[2]):
-        values = [json.loads((out / result.cell.preset.name / f"seed{s}" / "metrics.json").read_text())["top1"]
-                  for s in (0, 1)]
-        assert result.n == 2 and result.mean == pytest.approx(sum(values) / 2, abs=1e-9)
-        assert result.differs == ["epochs=1"]
+    assert [(r.n, r.unfinished) for r in results] == [(2, 1), (0, 0), (0, 0)]  # Baseline; LS and PS-KD: no run
+    values = [json.loads((p / "metrics.json").read_text())["top1"] for p in (killed, done)]
+    assert results[0].mean == pytest.approx(sum(values) / 2, abs=1e-9) and results[0].differs == ["epochs=1"]
     assert (out / "report" / "paper-demo.png").is_file()
 
 
