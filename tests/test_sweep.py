@@ -76,9 +76,31 @@ def test_plan_of_the_pskd_cifar100_table_as_a_slurm_array(tmp_path, capsys):
     assert "#SBATCH --array=75-99%8" in (out / "slurm" / "sweep-2.sbatch").read_text().splitlines()
 
 
+def test_teachers_and_data_are_wired_per_run_or_named_when_missing(tmp_path, monkeypatch):
+    from skd.sweep.runs import SweepError
+
+    shards = tmp_path / "cifar100"
+    for split in ("train", "test"):
+        (shards / split).mkdir(parents=True)
+    teacher = tmp_path / "resnet56.safetensors"
+    targets = ["cifar100_repdistiller/kd_resnet20_from_resnet56", "cifar100_repdistiller/vanilla_resnet20"]
+    request = SweepRequest(targets, [0], [], {"cifar100": "cifar100"}, {"resnet56_cifar": str(teacher)})
+    monkeypatch.chdir(tmp_path)  # relative paths are made absolute
+    _, (kd, vanilla), lacking = plan_sweep(tmp_path / "a", request)
+    assert lacking == [] and kd.config["method"]["teacher_checkpoint"] == str(teacher)
+    assert (kd.config["data"]["train"], vanilla.config["data"]["val"]) == (str(shards / "train"), str(shards / "test"))
+    assert "teacher_checkpoint" not in vanilla.config["method"]
+
+    bare = SweepRequest(targets, [0], [], {}, {})
+    with pytest.raises(SweepError, match=r"2 runs have no data.train/data.val: pass --data NAME=DIR for cifar100"
+                                         r".*need a teacher checkpoint: resnet56_cifar \(1 runs\)"):
+        plan_sweep(tmp_path / "b", bare)
+    assert len(plan_sweep(tmp_path / "b", bare, complete=False)[2]) == 2  # a dry run plans them, with warnings
+
+
 def test_array_task_resumes_requeues_and_submission_skips_queued_runs(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
-    sweep, runs = plan_sweep(out, SweepRequest(["digits/resnet8_ce"], [0, 1], ["log_with=[]"], {}, {}))
+    sweep, runs, _ = plan_sweep(out, SweepRequest(["digits/resnet8_ce"], [0, 1], ["log_with=[]"], {}, {}))
     sweep.save()
     env = _fake_bin(tmp_path / "bin", args='printf "%s\n" "$@"\n', srun='printf "%s\\n" "$@" > "$FAKE_LOG/srun.args"\nenv > "$FAKE_LOG/srun.env"\n'
                     'trap "exit 143" TERM\ntouch "$FAKE_LOG/srun.started"\nfor i in $(seq 600); do sleep 0.1; done\n',
@@ -217,7 +239,7 @@ def test_a_signal_to_the_sweep_reaches_each_run_once(tmp_path, monkeypatch):
     import skd.sweep.local as local
 
     out = tmp_path / "sweep"
-    sweep, runs = plan_sweep(out, SweepRequest(["digits/resnet8_ce"], [0, 1, 2], [], {}, {}))
+    sweep, runs, _ = plan_sweep(out, SweepRequest(["digits/resnet8_ce"], [0, 1, 2], [], {}, {}))
     fake = tmp_path / "fake_train.sh"
     fake.write_text('for a in "$@"; do case "$a" in output_dir=*) dir="${a#output_dir=}";; esac; done\n'
                     'trap \'echo TERM >> "$dir/terms"; exit 143\' TERM INT\n'

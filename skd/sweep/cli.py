@@ -108,14 +108,12 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out) if args.out else _default_out(targets)
     request = SweepRequest(targets, args.seeds, overrides, _pairs(args.data, "--data"),
                            _pairs(args.teacher, "--teacher"))
-    sweep, runs = plan_sweep(out, request, command=["skd", "sweep", *argv], require_data=not args.dry_run)
+    sweep, runs, lacking = plan_sweep(out, request, command=["skd", "sweep", *argv], complete=not args.dry_run)
     sweep.save()
     print(f"plan: {len(runs)} runs ({len({r.preset for r in runs})} presets x {len(args.seeds)} seeds) "
           f"in {out / 'sweep.json'}")
-    no_data = [r for r in runs if not (r.config["data"]["train"] and r.config["data"]["val"])]
-    if no_data:
-        print(f"warning: {len(no_data)} runs have no data.train/data.val yet ({no_data[0].label}, ...): "
-              f"pass --data NAME=DIR before running them")
+    for lack in lacking:  # a dry run plans them anyway; a real one refuses (plan_sweep)
+        print(f"warning: {lack}")
     if args.executor == "local":
         if args.dry_run:
             print(format_status(sweep, runs))

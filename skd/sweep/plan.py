@@ -113,9 +113,10 @@ def _trained_config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def plan_sweep(root: str | Path, request: SweepRequest, *, command: list[str] | None = None,
-               require_data: bool = True) -> tuple[Sweep, list[PlannedRun]]:
+               complete: bool = True) -> tuple[Sweep, list[PlannedRun], list[str]]:
     """Merge the runs ``request`` asks for into the sweep at ``root`` (not yet saved); returns the
-    sweep and those runs, in plan order."""
+    sweep, those runs in plan order, and what they still lack (data folders, teacher checkpoints).
+    With ``complete`` (anything but a dry run) a lack is a ``SweepError``."""
     if not request.seeds:
         raise SweepError("--seeds needs at least one seed")
     bad = [o for o in request.overrides if o.partition("=")[0] in _NOT_OVERRIDES]
@@ -156,15 +157,17 @@ def plan_sweep(root: str | Path, request: SweepRequest, *, command: list[str] | 
                          f"sweep plans, which would mix two experiments in one table: {mismatched[0]}"
                          f"{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''}. "
                          f"Use another --out, or move those folders away")
+    lacking = []
+    if no_data:
+        count = sum(len(r) for r in no_data.values())
+        lacking.append(f"{count} runs have no data.train/data.val: pass --data NAME=DIR for {', '.join(no_data)} "
+                       f"(DIR holding the train/ and val/ or test/ shards), or data.train=DIR data.val=DIR")
     if no_teacher:
         names = ", ".join(f"{t} ({len(r)} runs)" for t, r in no_teacher.items())
-        raise SweepError(f"runs need a teacher checkpoint: {names}. Pass --teacher MODEL=FILE for each (train "
-                         f"the teachers first, e.g. the table's Teacher row; their model.safetensors will do)")
-    if no_data and require_data:
-        count = sum(len(r) for r in no_data.values())
-        raise SweepError(f"{count} runs have no data.train/data.val: pass --data NAME=DIR for "
-                         f"{', '.join(no_data)} (DIR holding the train/ and val/ or test/ shards), or "
-                         f"data.train=DIR data.val=DIR")
+        lacking.append(f"runs need a teacher checkpoint: {names}. Pass --teacher MODEL=FILE for each (train the "
+                       f"teachers first, e.g. the table's Teacher row; their model.safetensors will do)")
+    if lacking and complete:
+        raise SweepError("; ".join(lacking))
     if command is not None:
         sweep.invocations.append({"time": datetime.now().isoformat(timespec="seconds"), "argv": command})
-    return sweep, selected
+    return sweep, selected, lacking
