@@ -98,6 +98,14 @@ def test_teachers_and_data_are_wired_per_run_or_named_when_missing(tmp_path, mon
     assert len(plan_sweep(tmp_path / "b", bare, complete=False)[2]) == 2  # a dry run plans them, with warnings
 
 
+def test_seeds_end_where_overrides_begin(tmp_path):
+    """``--seeds 0 1 key=value``: the override is not a seed (argparse alone would take it as one)."""
+    assert sweep_main(["demo", "--seeds", "0", "1", "data.num_workers=0", "--dry-run", "--out", str(tmp_path)]) == 0
+    runs = Sweep.load(tmp_path).runs
+    assert [(r.preset, r.seed) for r in runs] == [(f"digits/resnet8_{m}", s) for m in ("ce", "ls", "pskd") for s in (0, 1)]
+    assert {r.config["data"]["num_workers"] for r in runs} == {0}
+
+
 def test_array_task_resumes_requeues_and_submission_skips_queued_runs(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     sweep, runs, _ = plan_sweep(out, SweepRequest(["digits/resnet8_ce"], [0, 1], ["log_with=[]"], {}, {}))

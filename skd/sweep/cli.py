@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                              "files, and key=value overrides applied to every run")
     parser.add_argument("--list", action="store_true", help="list the tables and how many cells have presets")
     parser.add_argument("--status", metavar="DIR", help="show every run of the sweep in DIR and exit")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="seeds (default: 0)")
+    parser.add_argument("--seeds", nargs="+", default=["0"], metavar="S", help="seeds (default: 0)")
     parser.add_argument("--out", metavar="DIR", help="the sweep folder (default: sweeps/<targets>)")
     parser.add_argument("--data", action="append", default=[], metavar="NAME=DIR",
                         help="shards of a dataset for the presets whose reference.dataset is NAME: DIR holding "
@@ -101,16 +101,19 @@ def _parser() -> argparse.ArgumentParser:
 def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
     from skd.sweep.plan import SweepRequest, plan_sweep
 
-    targets = [i for i in args.items if "=" not in i]
-    overrides = [i for i in args.items if "=" in i]
+    # --seeds takes every word after it: the integers are seeds, the rest targets and overrides.
+    seeds = [int(w) for w in args.seeds if w.isdigit()]
+    items = args.items + [w for w in args.seeds if not w.isdigit()]
+    targets = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
     if not targets:
         raise SweepError("name a table or presets to sweep (`skd sweep --list`, `skd presets`)")
     out = Path(args.out) if args.out else _default_out(targets)
-    request = SweepRequest(targets, args.seeds, overrides, _pairs(args.data, "--data"),
+    request = SweepRequest(targets, seeds, overrides, _pairs(args.data, "--data"),
                            _pairs(args.teacher, "--teacher"))
     sweep, runs, lacking = plan_sweep(out, request, command=["skd", "sweep", *argv], complete=not args.dry_run)
     sweep.save()
-    print(f"plan: {len(runs)} runs ({len({r.preset for r in runs})} presets x {len(args.seeds)} seeds) "
+    print(f"plan: {len(runs)} runs ({len({r.preset for r in runs})} presets x {len(seeds)} seeds) "
           f"in {out / 'sweep.json'}")
     for lack in lacking:  # a dry run plans them anyway; a real one refuses (plan_sweep)
         print(f"warning: {lack}")
