@@ -181,6 +181,16 @@ def _last_epoch(run_dir: Path) -> dict[str, Any]:
     return {}
 
 
+def _newest_change(run_dir: Path) -> float | None:
+    times = []
+    for path in run_dir.iterdir() if run_dir.is_dir() else ():
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:  # renamed or removed meanwhile (a checkpoint or state file being replaced)
+            continue
+    return max(times, default=None)
+
+
 def read_status(run_dir: Path) -> RunStatus:
     """What the run folder says about the run."""
     state = _read_json(run_dir / STATE_FILE)
@@ -196,9 +206,8 @@ def read_status(run_dir: Path) -> RunStatus:
         if status == "running" and state.get("host") == socket.gethostname() and not _alive(state.get("pid")):
             status = "stopped"
     where = state.get("slurm_job") or (f"{state['host']} pid {state['pid']}" if "host" in state else "")
-    times = [p.stat().st_mtime for p in run_dir.iterdir() if p.is_file()] if run_dir.is_dir() else []
     return RunStatus(status, int(last["epoch"]) + 1 if "epoch" in last else 0, last.get("top1"),
-                     state.get("exit_status"), where, max(times) if times else None)
+                     state.get("exit_status"), where, _newest_change(run_dir))
 
 
 def exit_meaning(code: int | None) -> str:
