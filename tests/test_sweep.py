@@ -193,18 +193,19 @@ def test_local_sweep_of_the_demo_table_end_to_end(tmp_path, capsys):
     assert "FAILED   digits/resnet8_ce seed 2 (exit 2: bad input" in output and "is a file" in output
     assert [read_status(p).status for p in (killed, done, broken)] == ["stopped", "done", "failed"]
 
-    # Again: the killed run resumes from its checkpoint; the failed one waits for --retry-failed.
-    assert sweep_main(args) == 1
-    assert "1 to run, 1 done, 1 failed before" in capsys.readouterr().out
+    # Again, with --retry-failed: the killed run resumes from its checkpoint, the failed one is tried
+    # again (and still cannot start).
+    assert sweep_main([*args, "--retry-failed", "--parallel", "2"]) == 1
+    assert "2 to run, 1 done, 0 failed before" in capsys.readouterr().out
     assert read_status(killed).status == "done" and "resumed from step" in (killed / "sweep.log").read_text()
     assert [json.loads(line)["epoch"] for line in (killed / "history.jsonl").read_text().splitlines()] == [0]
+    assert json.loads((broken / STATE_FILE).read_text())["attempts"] == 2
 
     # A different recipe into the same folders is refused before anything runs.
     assert sweep_main([*args, "epochs=2"]) == 2  # the later override wins
     assert "trained with another config" in capsys.readouterr().err
 
-    assert sweep_main([*args, "--retry-failed"]) == 1  # tried again, and still cannot start
-    assert json.loads((broken / STATE_FILE).read_text())["attempts"] == 2
+    # Without --retry-failed nothing runs: the done runs are skipped, the failed one left alone.
     assert sweep_main(args) == 1
     assert "0 to run, 2 done, 1 failed before" in capsys.readouterr().out
     assert sweep_main(["--status", str(out)]) == 0
