@@ -113,7 +113,7 @@ def run_local(sweep: Sweep, runs: list[PlannedRun], *, parallel: int = 1, gpus_p
     one failed or stopped, 128 + signal when the sweep itself was interrupted."""
     if parallel < 1:
         raise SweepError(f"--parallel {parallel}: must be at least 1")
-    todo, skipped = [], {"done": 0, "failed": 0, "elsewhere": 0}
+    to_run, skipped = [], {"done": 0, "failed": 0, "elsewhere": 0}
     for run in runs:
         status = read_status(run.path(sweep.root)).status
         if status == "done":
@@ -123,8 +123,8 @@ def run_local(sweep: Sweep, runs: list[PlannedRun], *, parallel: int = 1, gpus_p
         elif status in ("running", "queued"):
             skipped["elsewhere"] += 1
         else:
-            todo.append(run)
-    echo(f"{len(runs)} runs: {len(todo)} to run, {skipped['done']} done, {skipped['failed']} failed before "
+            to_run.append(run)
+    echo(f"{len(runs)} runs: {len(to_run)} to run, {skipped['done']} done, {skipped['failed']} failed before "
          f"(not retried without --retry-failed), {skipped['elsewhere']} running or queued elsewhere")
     slots = _slots(parallel, gpus_per_run)
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // parallel))
@@ -172,7 +172,7 @@ def run_local(sweep: Sweep, runs: list[PlannedRun], *, parallel: int = 1, gpus_p
             echo(f"FAILED   {a.run.label} ({exit_meaning(code)}): {_last_line(run_dir / LOG_FILE)}")
 
     with _exclusive(sweep.root), _forward_signals(on_signal):
-        queue = list(todo)
+        queue = list(to_run)
         while queue or active:
             for slot in range(len(slots)):
                 if queue and slot not in active and not stop:
