@@ -1,10 +1,11 @@
-"""The ``skd`` command: ``train``, ``eval``, ``config``, ``report``, ``shard``, ``convert``."""
+"""The ``skd`` command: ``train``, ``eval``, ``config``, ``report``, ``sweep``, ``presets``, ``shard``,
+``convert``."""
 from __future__ import annotations
 
 import importlib
 import sys
 
-USAGE = """usage: skd {train,eval,config,report,shard,convert} ...
+USAGE = """usage: skd {train,eval,config,report,sweep,presets,shard,convert} ...
 
   skd train [--config FILE] [key=value ...]   train (no config: the embedded CPU demo);
                                                 `skd train --help` lists every config key
@@ -12,6 +13,11 @@ USAGE = """usage: skd {train,eval,config,report,shard,convert} ...
   skd config [--config FILE] [key=value ...]   print the resolved configuration as YAML
   skd report RUN_DIR... [--out DIR] [--group-by seed]
                                                 compare runs: table (Markdown, CSV), PNG figures
+  skd report DIR... --paper [--out DIR]         runs (a sweep) laid out as their paper's table, beside
+                                                the paper's numbers: Markdown, CSV, figure
+  skd sweep TABLE|PRESET... --seeds S... --out DIR [key=value ...] [--executor local|slurm]
+                                                one run per preset x seed, resumable; --status DIR, --list
+  skd presets [--table TABLE_ID]                list the presets with their table cell and paper number
   skd shard INPUT OUT_DIR [options]             write WebDataset shards + dataset.json from an image
                                                 folder, a CIFAR binary archive or TinyImageNet
   skd shard --index-only SHARD_DIR              index shards made elsewhere
@@ -22,7 +28,8 @@ Run `skd COMMAND --help` for the options of a command."""
 
 
 COMMANDS = {"train": "skd.train", "eval": "skd.evaluate", "config": "skd.config_docs",
-            "shard": "skd.data.shard_cmd", "convert": "skd.convert", "report": "skd.report"}
+            "shard": "skd.data.shard_cmd", "convert": "skd.convert", "report": "skd.report",
+            "sweep": "skd.sweep.cli", "presets": "skd.presets"}
 """Each command is the ``main(argv) -> int`` of its module, imported only when it runs."""
 
 

@@ -614,9 +614,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-by", metavar="KEY",
                         help="merge runs whose configs differ only in this config key (usually seed) "
                              "into mean ± std rows; without it every run is a row of its own")
+    parser.add_argument("--paper", action="store_true",
+                        help="lay the runs out as their paper's table beside the paper's numbers (paper.md, "
+                             "paper.csv, a figure per table; see docs/tables.md); RUN_DIR may then also be a "
+                             "sweep folder or a folder of runs")
+    parser.add_argument("--metric", choices=METRIC_KEYS,
+                        help="with --paper: the metric to compare (default: the table's own)")
     args = parser.parse_args(argv)
 
     def body() -> int:
+        if args.paper:
+            from skd.paper_report import report_paper
+
+            return report_paper(args.runs, args.out, args.metric)
         index = write_report(args.runs, args.out, args.group_by)
         print((index.parent / "results.md").read_text(), end="")
         print(f"report: {index}")

@@ -22,7 +22,8 @@ from skd.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint, re
 from skd.config import TrainConfig, config_to_dict, flat_fields, in_sections
 from skd.errors import CheckpointError, ConfigError
 
-__all__ = ["check_output_dir", "select_checkpoint", "check_resume_config", "OPERATIONAL_KEYS"]
+__all__ = ["check_output_dir", "select_checkpoint", "check_resume_config", "config_differences",
+           "OPERATIONAL_KEYS"]
 
 _log = logging.getLogger("skd.resume")
 
@@ -103,18 +104,24 @@ def select_checkpoint(run_dir: Path, resume: str) -> tuple[Path | None, dict[str
     return None, None
 
 
+def config_differences(old: dict[str, Any], new: dict[str, Any],
+                       allowed: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """``(key, old value, new value)`` for every key in which the config dicts ``old`` and
+    ``new`` define different experiments: ``OPERATIONAL_KEYS`` and ``allowed`` (keys or sections)
+    may differ. A key on one side only is a difference inside ``method`` (another method's
+    fields); elsewhere it is a config key this version added or dropped since ``old`` was written."""
+    old, new = flat_fields(old), flat_fields(new)
+    keys = sorted((old.keys() & new.keys()) | {k for k in old.keys() ^ new.keys() if k.startswith("method.")})
+    return [(key, old.get(key, _ABSENT), new.get(key, _ABSENT)) for key in keys
+            if old.get(key, _ABSENT) != new.get(key, _ABSENT) and not in_sections(key, OPERATIONAL_KEYS + allowed)]
+
+
 def check_resume_config(state: dict[str, Any], cfg: TrainConfig) -> None:
     """Stop (``ConfigError``) if ``cfg`` differs from the checkpoint's config in a way the resume
     cannot honour; the message lists every difference."""
-    old, new = flat_fields(state["config"]), flat_fields(config_to_dict(cfg))
-    allowed = tuple(cfg.resume_allow_changes)
-    # A key missing on one side is a difference inside `method` (another method's fields); elsewhere
-    # it is a config key this version added or dropped since the checkpoint was written.
-    keys = sorted((old.keys() & new.keys()) | {k for k in old.keys() ^ new.keys() if k.startswith("method.")})
-    changed = [key for key in keys if old.get(key, _ABSENT) != new.get(key, _ABSENT)
-               and not in_sections(key, OPERATIONAL_KEYS + allowed)]
+    changed = config_differences(state["config"], config_to_dict(cfg), tuple(cfg.resume_allow_changes))
     if changed:
-        lines = "; ".join(f"{k}: {old.get(k, _ABSENT)!r} -> {new.get(k, _ABSENT)!r}" for k in changed)
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
         raise ConfigError(f"resume: the config differs from the checkpoint's in {lines}. Resume with the "
                           f"checkpoint's values, or list the keys you mean to change in "
-                          f"resume_allow_changes (e.g. resume_allow_changes=[{changed[0]}])")
+                          f"resume_allow_changes (e.g. resume_allow_changes=[{changed[0][0]}])")

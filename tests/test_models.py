@@ -434,3 +434,22 @@ def test_pyramidnet_widths_and_shakedrop_probabilities(net):
     p_drops = [b.shake_drop.p_drop for stage in (sd.layer1, sd.layer2, sd.layer3) for b in stage]
     assert len(p_drops) == 66 and p_drops[-1] == 0.5
     assert all(b.shake_drop is None for b in net("pyramidnet200_cifar").layer3)
+
+
+def test_shufflenet_v2_is_torchvisions_net_in_timm():
+    """timm builds skd's ShuffleNetV2 (the USKD table's row) with torchvision's parameter count and
+    names; torchvision's weights load strictly and give the same logits; the weak-head feature
+    (index −2) is the 464-channel stage4, mmcls's ``fea_s[-2]``."""
+    import torchvision
+
+    model = timm.create_model("shufflenet_v2_x1_0").eval()
+    reference = torchvision.models.shufflenet_v2_x1_0().eval()
+    assert "shufflenet_v2_x1_0" in skd.models.IMAGENET_MODELS
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters()) == 2_278_604
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = _x(1, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+        final, inter = model.forward_intermediates(x, indices=[-2])
+    assert inter[0].shape[1] == 464 and final.shape[1] == 1024
+    assert [i["num_chs"] for i in model.feature_info] == [24, 116, 232, 464, 1024]

@@ -1,4 +1,5 @@
-"""Every paper preset under configs/ loads strictly and names its source and expected number."""
+"""Every paper preset under configs/ loads strictly and names its source, expected number and
+table cell; every cell of every table in configs/tables/ has exactly one preset or a stated reason."""
 from __future__ import annotations
 
 import functools
@@ -16,12 +17,14 @@ from skd.config import load_config, load_yaml
 from skd.environment import check_environment
 from skd.features import mid_feature_index, pooled_feature_channels
 from skd.methods import list_methods
+from skd.presets import COMPARE_CHOICES, list_presets
+from skd.tables import list_tables, load_table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "demo.yaml" and p.parent.name != "tables")
-TABLES = sorted((CONFIGS / "tables").glob("*.yaml"))
-"""A paper's table: its rows and columns, and why each cell without a preset has none."""
 METRICS = {"top1", "top5", "nll", "ece", "aurc", "eaurc"}
+DIGITS = CONFIGS / "digits"
+"""The demo table's presets train on the built-in digits; every other preset leaves the data to the user."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +43,8 @@ def _build(name: str, kwargs: dict) -> torch.nn.Module:
 def test_preset_loads_and_names_its_reference(path):
     cfg = load_config(path)  # strict: an unknown key or a wrong type raises
     check_environment(cfg)  # model, teacher and optimizer names known to timm
-    assert cfg.data.train == "" and cfg.data.val == "", "the user passes the shard directories"
+    data = "digits" if path.parent == DIGITS else ""
+    assert cfg.data.train == data and cfg.data.val == data, "the user passes the shard directories"
     assert timm.is_model(cfg.model.name), cfg.model.name
     _build(cfg.model.name, cfg.model.kwargs)  # the model kwargs are ones timm accepts
     if hasattr(cfg.method, "teacher_checkpoint") and getattr(cfg.method, "mode", "self") == "self":
@@ -55,34 +59,14 @@ def test_preset_loads_and_names_its_reference(path):
     assert isinstance(ref.get("expected"), numbers.Real), "reference.expected"
     if ref["metric"] in ("top1", "top5"):
         assert 0 < ref["expected"] < 100
+    # The structured fields that place the preset in its table (skd.tables, skd report --paper).
+    assert all(isinstance(ref.get(k), str) and ref[k] for k in ("table_id", "row", "column", "dataset"))
+    assert ref.get("compare") in COMPARE_CHOICES
+    assert ref.get("expected_std") is None or ref["expected_std"] > 0
+    assert (ref["compare"] == "ema") == cfg.ema.enabled, "EMA weights are what an EMA recipe reports"
     # The raw YAML holds every key explicitly (nothing silently inherited from the demo).
     raw = load_yaml(path)
     assert {"epochs", "data", "model", "method", "optim", "sched", "reference"} <= set(raw)
-
-
-@pytest.mark.parametrize("path", TABLES, ids=[p.stem for p in TABLES])
-def test_every_table_cell_is_one_preset_or_missing_with_a_reason(path):
-    table = load_yaml(path)
-    assert {"title", "source", "metric", "display", "rows", "columns", "missing"} <= set(table)
-    assert table["metric"] in METRICS and table["display"] in ("accuracy", "error")
-    cells: dict[tuple[str, str], str] = {}
-    for preset in PRESETS:
-        ref = load_yaml(preset)["reference"]
-        if ref.get("table_id") != path.stem:
-            continue
-        assert ref["metric"] == table["metric"] and ref.get("compare") in ("best", "last"), preset.name
-        cell = (ref["row"], ref["column"])
-        assert cell not in cells, f"{preset.name} and {cells.get(cell)} are the same cell"
-        cells[cell] = preset.name
-    assert all(m.get("reason") for m in table["missing"])
-    missing = {(m["row"], m["column"]) for m in table["missing"]}
-    assert not missing & set(cells)
-    assert missing | set(cells) == {(row, column) for row in table["rows"] for column in table["columns"]}
-
-
-def test_every_table_id_names_a_table():
-    named = {load_yaml(p)["reference"].get("table_id") for p in PRESETS} - {None}
-    assert named <= {p.stem for p in TABLES}
 
 
 def test_presets_cover_every_seed_method():
@@ -104,26 +88,50 @@ def test_expected_accuracies_match_the_reported_errors(path):
         assert ref["expected_other"]["top5"] == pytest.approx(100 - float(errors["top-5"]), abs=1e-9)
 
 
-def test_every_cell_of_the_pskd_cifar_table_has_a_preset():
+@pytest.mark.parametrize("table", list_tables(), ids=lambda t: t.table_id)
+def test_every_table_cell_has_exactly_one_preset_or_a_reason(table):
+    assert table.coverage_problems() == []
+    cells = table.cells()
+    assert [(c.row, c.column) for c in cells] == [(r, c) for r in table.rows for c in table.columns]
+    for cell in cells:
+        assert (cell.preset is None) == bool(cell.reason)
+
+
+def test_every_preset_names_an_existing_table_row_and_column():
+    tables = {t.table_id: t for t in list_tables()}
+    assert len(list_presets()) == len(PRESETS)
+    for preset in list_presets():
+        table = tables.get(preset.table_id)
+        assert table is not None, f"{preset.name}: no table {preset.table_id!r}"
+        assert preset.row in table.rows and preset.column in table.columns, preset.name
+
+
+def test_the_seed_tables_and_their_sizes():
+    """The tables skd reproduces, with their cell counts (docs/presets.md quotes them)."""
+    sizes = {t.table_id: (len(t.rows) * len(t.columns), sum(c.preset is not None for c in t.cells()))
+             for t in list_tables()}
+    assert sizes == {"pskd-cifar100": (25, 25), "pskd-imagenet": (10, 5), "cskd-resnet18": (10, 10),
+                     "ickd-cifar100": (105, 104), "nkd-imagenet": (8, 8), "uskd-imagenet": (18, 18),
+                     "demo": (3, 3)}
+
+
+def test_pskd_cifar_cells_hold_their_model_and_method():
     """lgcnsai/PS-KD-Pytorch README, CIFAR-100: 5 models x 5 methods."""
     models = {"PreAct ResNet-18": "preact_resnet18_cifar", "PreAct ResNet-101": "resnet101_cifar",
               "DenseNet-121": "densenet121_cifar", "ResNeXt-29": "resnext29_8x64d_cifar",
               "PyramidNet-200": "pyramidnet200_cifar"}
     methods = {"Baseline": "ce", "LS": "ls", "CS-KD": "cskd", "TF-KD": "tfkd", "PS-KD": "pskd"}
-    cells = {}
-    for path in CONFIGS.glob("cifar100/*.yaml"):
-        raw = load_yaml(path)
-        if raw["reference"]["source"].startswith("lgcnsai/PS-KD-Pytorch"):
-            cells[raw["reference"]["table"]] = (raw["model"]["name"], raw["method"]["name"])
-    expected = {f"CIFAR-100, {label}, {column} column": (model, method)
-                for label, model in models.items() for column, method in methods.items()}
-    assert cells == expected
+    for cell in load_table("pskd-cifar100").cells():
+        raw = load_yaml(cell.preset.path)
+        assert (raw["model"]["name"], raw["method"]["name"]) == (models[cell.row], methods[cell.column])
+        assert cell.preset.compare == "best" and cell.expected == raw["reference"]["expected"]
 
 
 # cls_KD configs/distillers/imagenet/*_sd_img.py: the USKDLoss ``channel`` (its weak head's input).
+# ShuffleNetV2's config says 484, which no stage of the net has: its fea_s[-2] is the 464-channel stage4.
 USKD_CHANNELS = {"resnet18": 256, "resnet50": 1024, "resnet101": 1024, "mobilenetv1_100": 512,
                  "mobilenetv2_100": 320, "regnetx_016": 408, "deit_tiny_patch16_224": 192,
-                 "swin_tiny_patch4_window7_224": 384}
+                 "swin_tiny_patch4_window7_224": 384, "shufflenet_v2_x1_0": 464}
 USKD_IMAGENET = [p for p in PRESETS
                  if p.parent.name == "imagenet" and load_yaml(p)["method"]["name"] == "uskd"]
 
@@ -142,7 +150,8 @@ MIXUP_PRESETS = [p for p in PRESETS if load_yaml(p).get("mixup")]
 def test_mixup_presets_are_the_cls_kd_vit_rows():
     names = {p.name for p in MIXUP_PRESETS}
     assert names == {"deit_tiny_uskd.yaml", "swin_tiny_uskd.yaml", "deit_tiny_nkd_from_deit3_small.yaml",
-                     "deit_base_nkd_from_deit3_large.yaml"}
+                     "deit_base_nkd_from_deit3_large.yaml", "deit_tiny_ce.yaml", "swin_tiny_ce.yaml",
+                     "deit_base_ce.yaml"}
 
 
 @pytest.mark.parametrize("path", MIXUP_PRESETS, ids=[p.name for p in MIXUP_PRESETS])
@@ -167,66 +176,32 @@ def test_vit_presets_build_the_official_optimizer(path):
 
 
 def test_pca_lighting_where_the_official_pipeline_has_it():
-    """PS-KD's ImageNet loader (every row of its table) and pycls's pipeline (the RegNet USKD row
-    and BAKE's ImageNet rows)."""
+    """PS-KD's ImageNet loader (every row of its table) and pycls's pipeline (the RegNet rows of the
+    USKD table and BAKE's ImageNet rows)."""
     lit = {p.relative_to(CONFIGS).as_posix() for p in PRESETS if load_config(p).data.pca_lighting}
     pycls = {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.glob("imagenet/bake/*.yaml")}
     imagenet_resnet152 = {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.glob("imagenet/resnet152_*.yaml")}
-    assert lit == imagenet_resnet152 | pycls | {"imagenet/regnetx_016_uskd.yaml"}
+    assert lit == imagenet_resnet152 | pycls | {"imagenet/regnetx_016_uskd.yaml", "imagenet/regnetx_016_ce.yaml"}
     assert all(load_config(CONFIGS / name).data.pca_lighting == 0.1 for name in lit)
 
 
-PRESETS_PAGE = CONFIGS.parent / "docs" / "presets.md"
-
-
-@pytest.mark.skipif(not PRESETS_PAGE.is_file(), reason="docs/presets.md is not in this checkout")
-def test_presets_page_lists_every_preset():
-    """Each preset is in the table of docs/presets.md, by name or (the feature-distillation rows) by
-    its method's `<method>_*.yaml` row."""
-    page = PRESETS_PAGE.read_text()
-    table = page[page.index("| preset | method | student ← teacher"):]
-    named = set(re.findall(r"\| `([a-z0-9_/]+\.yaml)` \|", table))
+def test_docs_list_every_preset():
+    """Each preset is in docs/presets.md's tables, by name or (the feature-distillation rows) by its
+    method's `<method>_*.yaml` row, or named (`configs/...`) in its method's section of docs/methods.md."""
+    doc = (CONFIGS.parent / "docs" / "presets.md").read_text()
+    named = set(re.findall(r"\| `([a-z0-9_/]+\.yaml)` \|", doc))
     named |= set(re.findall(r"`configs/([a-z0-9_/]+\.yaml)`", (CONFIGS.parent / "docs" / "methods.md").read_text()))
-    patterns = re.findall(r"\| `([a-z0-9_/]+)_\*\.yaml` \(7 pairs\)", table)
+    patterns = re.findall(r"\| `([a-z0-9_/]+)_\*\.yaml` \(\d pairs\)", doc)
     for preset in PRESETS:
         rel = preset.relative_to(CONFIGS).as_posix()
         assert rel in named or any(rel.startswith(p + "_") for p in patterns), rel
-
-
-# Presets that fill a cell of a paper's table say which: reference.table_id (a configs/tables file),
-# row, column, expected (± expected_std), and whether the paper's number is the best or the last epoch.
-CELL_PRESETS = [p for p in PRESETS if "table_id" in load_yaml(p)["reference"]]
-
-
-@pytest.mark.parametrize("path", TABLES, ids=[p.name for p in TABLES])
-def test_every_cell_of_a_table_has_a_preset_or_a_reason(path):
-    table = load_yaml(path)
-    assert {"title", "source", "metric", "display", "rows", "columns", "missing"} <= set(table)
-    assert table["display"] in ("accuracy", "error") and table["metric"] in METRICS
-    cells = {}
-    for preset in CELL_PRESETS:
-        ref = load_yaml(preset)["reference"]
-        if ref["table_id"] == path.stem:
-            cell = (ref["row"], ref["column"])
-            assert cell not in cells, f"{preset.name} and {cells.get(cell)} fill one cell"
-            assert ref["metric"] == table["metric"] and ref["compare"] in ("best", "last"), preset.name
-            assert isinstance(ref.get("expected_std", 0.0), numbers.Real), preset.name
-            cells[cell] = preset.name
-    missing = {(m["row"], m["column"]): m["reason"] for m in table["missing"]}
-    assert all(reason for reason in missing.values())
-    grid = {(row, column) for row in table["rows"] for column in table["columns"]}
-    assert set(cells) | set(missing) == grid and not set(cells) & set(missing)
-
-
-def test_cell_presets_name_an_existing_table():
-    assert {load_yaml(p)["reference"]["table_id"] for p in CELL_PRESETS} <= {p.stem for p in TABLES}
 
 
 def test_zipfls_and_bake_presets_keep_the_official_settings():
     """Zipf's LS: the dense votes everywhere, upsampled ×2 for the ResNet-18 only (the official
     CIFAR DenseNet ignores --upsample); BAKE: one intra-class image per anchor, so a step sees
     twice data.batch_size images (512 on ImageNet), over the global batch."""
-    for path in CELL_PRESETS:
+    for path in PRESETS:
         cfg = load_config(path)
         if cfg.method.name == "zipfls":
             assert cfg.method.dense

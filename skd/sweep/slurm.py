@@ -1,0 +1,238 @@
+"""The SLURM executor: one job array per submission, one array task per run, built on SLURM's own
+job arrays.
+
+``skd sweep ... --executor slurm`` writes ``DIR/slurm/sweep-N.sbatch`` (``#SBATCH --array`` lists
+the runs' indices in ``sweep.json``, ``%N`` throttles them) and submits it with ``sbatch``. Each
+task runs ``python -m skd.sweep.slurm DIR``, which reads its run from ``sweep.json`` by
+``SLURM_ARRAY_TASK_ID`` and starts it as ``launch/slurm/multinode.sbatch`` does: one ``accelerate
+launch`` per node through ``srun`` (``launch/accelerate/multinode.yaml``, a rendezvous port per
+job), ``skd train --config RUN/sweep_config.yaml output_dir=RUN resume=auto``. SLURM sends
+SIGTERM 180 s before the time limit (``--signal=B:TERM@180``); the task passes it on, skd writes
+a checkpoint and stops, and the task requeues itself (``scontrol requeue``): the requeued task
+resumes from that checkpoint. A preempted task is requeued by SLURM (``--requeue``) and resumes
+the same way. A task whose run is already done exits at once.
+
+A resubmission sends only what is not done: a run that is ``queued`` or ``running`` under a job
+that ``squeue`` still lists is left alone (and every such run when ``squeue`` cannot be asked).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from skd.errors import run_command
+from skd.sweep.local import LAUNCH_DIR
+from skd.sweep.runs import LOG_FILE, PlannedRun, Sweep, SweepError, mark_state, read_status
+
+__all__ = ["SlurmOptions", "array_spec", "sbatch_script", "select_for_submission", "write_submission",
+           "submit", "task_command", "run_task", "main"]
+
+
+@dataclass
+class SlurmOptions:
+    partition: str | None = None
+    account: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int | None = None
+    time: str = "24:00:00"
+    throttle: int | None = None
+    """At most this many tasks of the array at once (``--array=...%N``)."""
+    job_name: str = "skd-sweep"
+
+
+def array_spec(indices: list[int], throttle: int | None = None) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``0-2,5,7-8`` (``%N`` appended with a throttle)."""
+    if not indices:
+        raise SweepError("no run to submit")
+    parts, ordered = [], sorted(set(indices))
+    start = prev = ordered[0]
+    for i in ordered[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts) + (f"%{throttle}" if throttle else "")
+
+
+def sbatch_script(sweep: Sweep, indices: list[int], options: SlurmOptions) -> str:
+    """The array job: one task per index of ``sweep.json``, started in this folder (where relative
+    paths in the overrides were meant)."""
+    root = sweep.root.resolve()
+    sbatch = [f"--job-name={options.job_name}", f"--array={array_spec(indices, options.throttle)}",
+              f"--nodes={options.nodes}", "--ntasks-per-node=1", f"--gpus-per-node={options.gpus_per_node}"]
+    sbatch += [f"--cpus-per-task={options.cpus_per_task}"] if options.cpus_per_task else []
+    sbatch += [f"--time={options.time}"]
+    sbatch += [f"--partition={options.partition}"] if options.partition else []
+    sbatch += [f"--account={options.account}"] if options.account else []
+    sbatch += ["--signal=B:TERM@180", "--requeue", "--open-mode=append", f"--chdir={Path.cwd()}",
+               f"--output={root / 'slurm' / 'logs' / '%x-%A_%a.out'}"]
+    return "\n".join([
+        "#!/bin/bash",
+        f"# skd sweep {root}: one array task per run of sweep.json (task id = run index).",
+        "# Each task starts its run with resume=auto; SIGTERM before the time limit -> checkpoint -> requeue.",
+        *[f"#SBATCH {shlex.quote(o)}" for o in sbatch],
+        "",
+        "set -euo pipefail",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}",
+        f"exec \"${{SKD_PYTHON:-{sys.executable}}}\" -m skd.sweep.slurm {shlex.quote(str(root))}",
+        "",
+    ])
+
+
+def _live_tasks() -> set[str] | None:
+    """``JOB_TASK`` ids that SLURM still lists (pending or running) for this user; None when
+    ``squeue`` cannot be asked."""
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--array", "--me", "--format=%i"], capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(done.stdout.split()) if done.returncode == 0 else None
+
+
+def select_for_submission(sweep: Sweep, runs: list[PlannedRun], retry_failed: bool) -> tuple[list[PlannedRun], list[str]]:
+    """The runs to submit, and one note per kind of run left out."""
+    live: set[str] | None = None
+    chosen, left = [], {"done": 0, "failed (not retried without --retry-failed)": 0, "queued or running": 0}
+    for run in runs:
+        status = read_status(run.path(sweep.root))
+        if status.status == "done":
+            left["done"] += 1
+        elif status.status == "failed" and not retry_failed:
+            left["failed (not retried without --retry-failed)"] += 1
+        elif status.status in ("queued", "running"):
+            live = _live_tasks() if live is None else live
+            if live is None or status.where in live:
+                left["queued or running"] += 1
+            else:
+                chosen.append(run)  # its job is gone (cancelled, or the node died before a requeue)
+        else:
+            chosen.append(run)
+    notes = [f"{n} {what}" for what, n in left.items() if n]
+    if live is None and left["queued or running"]:
+        notes.append("squeue could not be asked, so no queued or running run was resubmitted")
+    return chosen, notes
+
+
+def write_submission(sweep: Sweep, runs: list[PlannedRun], options: SlurmOptions) -> Path:
+    """Write the array script for ``runs`` into ``DIR/slurm/`` (the next free ``sweep-N.sbatch``)."""
+    folder = sweep.root / "slurm"
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    number = 1 + max((int(p.stem.split("-")[-1]) for p in folder.glob("sweep-*.sbatch")
+                      if p.stem.split("-")[-1].isdigit()), default=0)
+    path = folder / f"sweep-{number}.sbatch"
+    path.write_text(sbatch_script(sweep, [r.index for r in runs], options))
+    path.chmod(0o755)
+    return path
+
+
+def submit(sweep: Sweep, script: Path, runs: list[PlannedRun]) -> str:
+    """``sbatch`` the script; the runs are marked ``queued`` under the array's job id."""
+    try:
+        done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
+    except OSError as e:
+        raise SweepError(f"cannot run sbatch ({e}): submit from a SLURM login node, or use --dry-run and "
+                         f"`sbatch {script}` there") from None
+    if done.returncode != 0:
+        raise SweepError(f"sbatch {script} failed: {done.stderr.strip() or done.stdout.strip()}")
+    job = done.stdout.strip().split(";")[0]
+    for run in runs:
+        mark_state(run.path(sweep.root), "queued", slurm_job=f"{job}_{run.index}")
+    with open(sweep.root / "slurm" / "submissions.jsonl", "a") as f:
+        f.write(json.dumps({"time": datetime.now().isoformat(timespec="seconds"), "job": job,
+                            "script": script.name, "runs": [r.index for r in runs]}) + "\n")
+    return job
+
+
+# ----------------------------------------------------------------------------- the array task
+_PER_NODE = ('exec "$0" -m accelerate.commands.launch --config_file "$SKD_ACCELERATE_CONFIG" '
+             '--num_machines "$SLURM_NNODES" --num_processes "$((SLURM_NNODES * GPUS_PER_NODE))" '
+             '--machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" '
+             '-m skd train "$@"')
+"""What ``srun`` runs on each node; single quotes in the shell: ``SLURM_NODEID`` expands there,
+and the ``skd train`` arguments pass as arguments (values with spaces or brackets stay whole)."""
+
+
+def task_command(run: PlannedRun, root: Path, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The command of ``run``'s task and the environment it adds, as ``multinode.sbatch`` does."""
+    nodelist = env.get("SLURM_JOB_NODELIST", "")
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True).stdout.split()
+    job = int(env.get("SLURM_JOB_ID", "0"))
+    extra = {"GPUS_PER_NODE": env.get("SLURM_GPUS_ON_NODE") or env.get("GPUS_PER_NODE") or "8",
+             "MASTER_ADDR": hosts[0] if hosts else socket.gethostname(),
+             "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job % 20000),  # a port per job
+             "SRUN_CPUS_PER_TASK": env.get("SLURM_CPUS_PER_TASK", "1"),  # Slurm >= 22.05: srun does not inherit it
+             "SKD_ACCELERATE_CONFIG": str(LAUNCH_DIR / "accelerate" / "multinode.yaml")}
+    argv = ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", "bash", "-c", _PER_NODE,
+            env.get("SKD_PYTHON", sys.executable), *run.train_args(root)]
+    return argv, extra
+
+
+def run_task(root: Path, index: int, env: dict[str, str] | None = None) -> int:
+    """Run the sweep's run ``index`` as this array task; returns the task's exit status."""
+    env = dict(os.environ if env is None else env)
+    sweep = Sweep.load(root)
+    run = sweep.run(index)
+    run_dir = run.path(sweep.root)
+    job = f"{env.get('SLURM_ARRAY_JOB_ID', env.get('SLURM_JOB_ID', '?'))}_{index}"
+    if read_status(run_dir).status == "done":
+        print(f"{run.label}: already done ({run_dir})", flush=True)
+        return 0
+    run.write_config(sweep.root)
+    argv, extra = task_command(run, sweep.root, env)
+    print(f"{run.label} -> {run_dir} (log {run_dir / LOG_FILE}): {shlex.join(argv)}", flush=True)
+    signals: list[int] = []
+    processes: list[subprocess.Popen] = []
+
+    def forward(signum: int, frame: object) -> None:
+        signals.append(signum)
+        for process in processes:  # srun passes it to every node; skd checkpoints and stops
+            process.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    with open(run_dir / LOG_FILE, "a") as log:
+        processes.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**env, **extra}))
+        mark_state(run_dir, "running", host=socket.gethostname(), pid=os.getpid(), slurm_job=job)
+        code = processes[0].wait()
+    if code == 0 and (run_dir / "metrics.json").is_file():
+        mark_state(run_dir, "done", exit_status=0, slurm_job=job)
+        return 0
+    if signals:  # the time limit (or scancel --signal): continue in a requeued task
+        requeued = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        status = "queued" if requeued.returncode == 0 else "stopped"
+        mark_state(run_dir, status, exit_status=code, slurm_job=job)
+        print(f"{run.label}: stopped by {signal.Signals(signals[0]).name} (exit {code}); "
+              f"{'requeued' if status == 'queued' else 'requeue failed: ' + requeued.stderr.strip()}", flush=True)
+        return code
+    mark_state(run_dir, "stopped" if code < 0 or code > 128 else "failed", exit_status=code, slurm_job=job)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m skd.sweep.slurm DIR [INDEX]``: the array task (INDEX defaults to
+    ``SLURM_ARRAY_TASK_ID``)."""
+    args = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(args) <= 2:
+        print("usage: python -m skd.sweep.slurm SWEEP_DIR [INDEX]", file=sys.stderr)
+        return 2
+    index = args[1] if len(args) == 2 else os.environ.get("SLURM_ARRAY_TASK_ID")
+    if index is None or not index.isdigit():
+        print("skd.sweep.slurm: no run index (SLURM_ARRAY_TASK_ID is not set)", file=sys.stderr)
+        return 2
+    return run_command("skd.sweep.slurm", lambda: run_task(Path(args[0]), int(index)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""``skd report --paper``: cells against hand-computed mean, std and Δ, the paper's layout (rows,
+columns, errors), missing cells, marks, footnotes, the CSV and the figure, and the refusal to mix
+two experiments in one cell. Synthetic run folders: config.yaml and metrics.json written here."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from skd.config import config_to_dict, load_config
+from skd.paper_report import PaperReportError, find_runs, paper_figure, paper_results, write_paper_report
+from skd.presets import get_preset
+from skd.report import main as report_main
+
+
+def _run(folder: Path, preset: str, seed: int, top1: float, *, best: float | None = None,
+         overrides: tuple[str, ...] = ()) -> Path:
+    """A finished run of ``preset``: its resolved config (as skd train writes it) and metrics.json
+    with the last epoch's top-1 ``top1`` and the best epoch's ``best``."""
+    run = folder / f"{preset.replace('/', '_')}-s{seed}-{len(overrides)}"
+    run.mkdir(parents=True)
+    cfg = load_config(get_preset(preset).path, [f"seed={seed}", *overrides])
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), allow_unicode=True))
+    metrics = {"top1": top1, "top5": 99.0, "nll": 0.5, "ece": 3.0, "aurc": 50.0, "eaurc": 10.0,
+               "best": {"epoch": 3, "top1": top1 if best is None else best, "top5": 99.5, "nll": 0.4,
+                        "ece": 2.0, "aurc": 40.0, "eaurc": 9.0}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def _std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def test_cells_against_hand_computed_statistics_in_the_papers_layout(tmp_path):
+    runs = tmp_path / "runs"
+    # PS-KD ImageNet (printed as errors, best epoch): ResNet-152 baseline, two seeds.
+    _run(runs, "imagenet/resnet152_ce", 0, 70.0, best=78.0)
+    _run(runs, "imagenet/resnet152_ce", 1, 70.0, best=77.5)
+    # PS-KD column far from the paper: marked.
+    _run(runs, "imagenet/resnet152_pskd", 0, 69.0, best=70.0)
+    _run(runs, "imagenet/resnet152_pskd", 1, 69.0, best=70.2)
+    # One LS run trained with another recipe than the preset: footnoted.
+    _run(runs, "imagenet/resnet152_ls", 0, 60.0, best=61.0, overrides=("epochs=1",))
+
+    index = write_paper_report([runs], tmp_path / "out")
+    (results,), strays = paper_results(find_runs([runs]))
+    assert strays == []
+    cells = {(r.cell.row, r.cell.column): r for r in results}
+    assert [(r.cell.row, r.cell.column) for r in results] == [
+        (row, col) for row in ("DenseNet-264", "ResNet-152") for col in ("Baseline", "LS", "CS-KD", "TF-KD", "PS-KD")]
+
+    base = cells["ResNet-152", "Baseline"]
+    errors = [100 - 78.0, 100 - 77.5]  # the best epoch, as errors
+    assert base.n == 2 and base.mean == pytest.approx(sum(errors) / 2, abs=1e-12)
+    assert base.std == pytest.approx(_std(errors), abs=1e-12)
+    assert base.paper == pytest.approx(100 - 77.81, abs=1e-12)
+    assert base.delta == pytest.approx(sum(errors) / 2 - (100 - 77.81), abs=1e-12)
+    assert base.outside is False  # |Δ| = 0.06 < 2 std = 0.71
+
+    pskd = cells["ResNet-152", "PS-KD"]
+    assert pskd.mean == pytest.approx(29.9, abs=1e-12) and pskd.delta == pytest.approx(29.9 - 21.41, abs=1e-12)
+    assert pskd.outside is True
+    ls = cells["ResNet-152", "LS"]
+    assert ls.n == 1 and ls.std is None and ls.outside is None and ls.differs == ["epochs=1"]
+    densenet = cells["DenseNet-264", "Baseline"]
+    assert densenet.cell.preset is None and densenet.paper == pytest.approx(22.15, abs=1e-12) and densenet.n == 0
+
+    text = index.read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| | Baseline | LS | CS-KD | TF-KD | PS-KD |" in text
+    assert "**22.25** ± 0.35 (n=2) · paper 22.19 · Δ +0.06 |" in rows["ResNet-152"]
+    assert "**29.90** ± 0.14 (n=2) · paper 21.41 · Δ +8.49 ⚠" in rows["ResNet-152"]
+    assert "paper 22.15 · not run [1]" in rows["DenseNet-264"]
+    assert "- [1] quoted from the DenseNet paper" in text and "runs differ from the preset: epochs=1" in text
+    assert "paper 21.61 · no run" in rows["ResNet-152"]  # CS-KD: a cell without runs
+
+    with open(tmp_path / "out" / "paper.csv") as f:
+        table = {(r["row"], r["column"]): r for r in csv.DictReader(f)}
+    assert float(table["ResNet-152", "Baseline"]["skd_mean"]) == pytest.approx(22.25, abs=1e-12)
+    assert float(table["ResNet-152", "Baseline"]["skd_std"]) == pytest.approx(_std(errors), abs=1e-12)
+    assert table["ResNet-152", "PS-KD"]["outside"] == "True" and table["ResNet-152", "Baseline"]["n"] == "2"
+    assert table["DenseNet-264", "LS"]["note"] == "the README has no DenseNet-264 entry for this method"
+
+    # Another metric the paper reports (PS-KD's ECE, reference.expected_other), not printed as an error.
+    (by_ece,), _ = paper_results(find_runs([runs]), "ece")
+    ece = {(r.cell.row, r.cell.column): r for r in by_ece}["ResNet-152", "Baseline"]
+    assert (ece.mean, ece.paper, ece.std) == (2.0, 3.84, 0.0) and ece.delta == pytest.approx(2.0 - 3.84, abs=1e-12)
+
+    fig = paper_figure(results)
+    (ax,) = fig.axes
+    identity = [line for line in ax.lines if line.get_label() == "y = x"]
+    assert len(identity) == 1 and list(identity[0].get_xdata()) == list(identity[0].get_ydata())
+    assert (tmp_path / "out" / "paper-pskd-imagenet.png").stat().st_size > 10_000
+
+
+def test_paper_std_decides_the_mark_and_the_cli_prints_the_table(tmp_path, capsys):
+    """CS-KD publishes ± (in accuracy units, also shown for errors): skd within it is unmarked."""
+    runs = tmp_path / "runs"
+    _run(runs, "cifar100/preact_resnet18_ce_200ep", 0, 50.0, best=75.40)  # paper 75.29 ± 0.24 (err 24.71)
+    _run(runs, "cifar100/preact_resnet18_cskd_200ep", 0, 50.0, best=77.60)  # paper 78.01 ± 0.13: outside
+    assert report_main([str(runs), "--paper", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "**24.60** (n=1) · paper 24.71 ± 0.24 · Δ -0.11 |" in out
+    assert "**22.40** (n=1) · paper 21.99 ± 0.13 · Δ +0.41 ⚠" in out
+    assert "| CIFAR-100 |" in out and "| MIT67 |" in out
+
+
+def test_a_cell_never_mixes_two_experiments(tmp_path):
+    runs = tmp_path / "runs"
+    _run(runs, "imagenet/resnet152_ce", 0, 70.0)
+    _run(runs, "imagenet/resnet152_ce", 1, 70.0, overrides=("optim.lr=0.2",))
+    with pytest.raises(PaperReportError, match=r"would mix two experiments.*optim.lr"):
+        write_paper_report([runs], tmp_path / "out")
+    assert report_main([str(runs), "--paper", "--out", str(tmp_path / "out")]) == 2
