@@ -27,10 +27,6 @@ from skd.cli import main as skd_main
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# Pages that other work adds; links to them may not resolve until it lands. Delete this constant
-# (and its one use below) once they exist.
-PROVIDED_ELSEWHERE = {"docs/presets.md", "docs/tables.md", "docs/reports.md", "docs/errors.md"}
-
 LANGUAGES = {"", "text", "python", "bash", "yaml"}  # a shell or code block in any other is untested
 NOT_RUN = re.compile(r"^<!-- not run: (\S.*) -->$")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]*$")  # FILE, DIR, RUN_DIR, ...
@@ -348,8 +344,6 @@ def test_every_relative_link_and_anchor_resolves():
             path, _, anchor = target.partition("#")
             resolved = (page.parent / path).resolve() if path else page
             rel = resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else str(resolved)
-            if rel in PROVIDED_ELSEWHERE:
-                continue
             if not resolved.exists():
                 broken.append(f"{page.name}: {target} (no such file)")
             elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
