@@ -112,7 +112,7 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.best: dict[str, Any] | None = None  # {"epoch", "metrics"} of the best epoch so far
         self.predictions: Predictions | None = None  # the model's, from the latest evaluation
-        self.loss_watch = _LossWatch(cfg.divergence_factor)
+        self.loss_watch = _LossWatch(cfg.divergence_factor, report=acc.is_main_process)
         self.epoch_meter = LossMeter()  # the epoch's loss sums (kept by mid-epoch checkpoints)
         self._resume_path = resume_path
         self._stop_signal: int | None = None
@@ -511,7 +511,8 @@ class Trainer:
                   f"{metrics['num_corrupt']} in the final evaluation")
         if self._max_steps_reached() and self.epoch < self.cfg.epochs:
             print(f"stopped after max_steps={self.cfg.max_steps} optimizer steps (epoch {self.epoch} of "
-                  f"{self.cfg.epochs}); continue with resume=auto max_steps=0 resume_allow_changes=[max_steps]")
+                  f"{self.cfg.epochs}); continue with output_dir={self.run_dir} resume=auto max_steps=0 "
+                  f"resume_allow_changes=[max_steps]")
         print(f"run directory: {self.run_dir}")
 
     # --------------------------------------------------------------------------------- helpers
@@ -583,12 +584,14 @@ class _LossWatch:
     checkpoint written in bounds is kept as ``checkpoints/last_good.pt``: where a diverged run can
     go back to."""
 
-    def __init__(self, factor: float) -> None:
+    def __init__(self, factor: float, report: bool = True) -> None:
         self.factor = factor
+        self.report = report  # this process prints the warnings
         self.reference: float | None = None  # the first logged loss of the run
         self.last_finite: tuple[int, float] | None = None
         self.last_good_step: int | None = None
         self.in_bounds = True  # every loss since the last checkpoint
+        self.diverging = False  # the latest loss, for one warning per excursion
 
     def check(self, values: dict[str, float], step: int) -> str | None:
         """Take the losses reduced at ``step``; an error message if one is not finite."""
@@ -604,8 +607,14 @@ class _LossWatch:
         if self.reference is None:
             self.reference = loss
         self.last_finite = (step, loss)
-        if self.factor and loss > self.factor * self.reference:
-            self.in_bounds = False
+        diverging = bool(self.factor) and loss > self.factor * self.reference
+        if diverging and not self.diverging and self.report:
+            tqdm.write(f"warning: training loss {loss:.4g} at optimizer step {step} is above divergence_factor="
+                       f"{self.factor:g} × the first logged loss ({self.reference:.4g}): the run may be "
+                       f"diverging (a smaller optim.lr or a warm-up helps); checkpoints/last_good.pt stays on "
+                       f"the last checkpoint before it")
+        self.diverging = diverging
+        self.in_bounds = self.in_bounds and not diverging
         return None
 
     def saved(self, step: int) -> bool:

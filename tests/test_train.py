@@ -159,7 +159,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert not (run / "metrics.json").exists()
 
 
-def test_a_diverging_run_names_the_last_checkpoint_before_the_loss_rose(tmp_path):
+def test_a_diverging_run_names_the_last_checkpoint_before_the_loss_rose(tmp_path, capsys):
     """Finite but diverged: the loss 100 times its first value at steps 5 and 6, NaN at step 7.
     The stop says where the loss was last finite and points at the last checkpoint written while
     the loss stayed below divergence_factor × the first logged loss (step 4), kept as
@@ -177,6 +177,8 @@ def test_a_diverging_run_names_the_last_checkpoint_before_the_loss_rose(tmp_path
     trainer.unwrapped.forward = forward
     with pytest.raises(NonFiniteLoss) as stopped:
         trainer.fit()
+    out = capsys.readouterr().out  # said when it happened
+    assert re.search(r"warning: training loss \d+\.?\d* at optimizer step 5 is above divergence_factor=3", out)
     message = str(stopped.value)
     assert "non-finite loss at or before optimizer step 7" in message
     assert re.search(r"the loss was last finite at optimizer step 6 \(\d+\.?\d*\)", message), message

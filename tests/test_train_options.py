@@ -21,7 +21,8 @@ def test_max_steps_stops_early_and_writes_everything_a_run_writes(tmp_path, caps
     run = tmp_path / "quick"
     metrics = train(load_config(None, FAST + ["epochs=3", "max_steps=5", f"output_dir={run}"]))
     out = capsys.readouterr().out
-    assert "stopped after max_steps=5 optimizer steps (epoch 0 of 3)" in out
+    assert (f"stopped after max_steps=5 optimizer steps (epoch 0 of 3); continue with output_dir={run} "
+            f"resume=auto max_steps=0 resume_allow_changes=[max_steps]") in out
     assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["num_samples"] == 360 and metrics["best"]["epoch"] == 0
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
