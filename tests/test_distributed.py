@@ -1,8 +1,9 @@
 """Two CPU processes (gloo). Two simulated nodes of one process each, started by
 launch/local_multinode.sh as SLURM starts real nodes: one synchronised DDP run of PS-KD with its
 memory sharded over the two ranks, then the run resumed mid-epoch on one process (the memory
-re-sharded, the epoch continued). Two processes started without a launcher: what a run reports
-equals `skd eval` of what it saved, and a failure on one process stops both. DLB and BYOT under
+re-sharded, the epoch continued); what that run reports equals `skd eval` of what it saved. Two
+processes started without a launcher: a KD teacher outside DDP, and a failure on one process
+stops both. DLB and BYOT under
 torchrun: resumed exactly on two processes, DLB also continued on one. Zipf's LS and BAKE trained
 and resumed on two spawned processes, and BAKE's global batch."""
 import json
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["model.name=resnet8_cifar", "method.name=pskd", "method.memory=sharded", "method.memory_dtype=float32",
         "epochs=2", "data.batch_size=64", "log_with=[]", "log_every=5", "checkpoint_every=10",
-        "keep_checkpoints=0"]
+        "keep_checkpoints=0", "ema.enabled=true", "ema.decay=0.8"]
 
 
 def _free_port() -> int:
@@ -66,6 +67,7 @@ def test_two_nodes_sharded_pskd_then_resumed_on_one_process(tmp_path):
     table = _memory(checkpoints[-1])
     assert table.shape == (1437, 10)
     assert torch.allclose(table.sum(1), torch.ones(1437), atol=1e-5)
+    _reported_metrics_equal_skd_eval(run, metrics, tmp_path)
 
     # Resume mid-epoch 0 (step 10, 640 samples in) on one process: the memory is re-sharded onto
     # it and the loader continues the epoch from sample 640, so at the end of epoch 0 every
@@ -117,44 +119,35 @@ def _teacher_file(folder: Path) -> Path:
     return path
 
 
-def test_two_processes_report_the_metrics_of_the_weights_they_save(tmp_path):
-    """KD with EMA on two processes: the frozen teacher stays outside DDP, and what the run reports
-    for its last epoch, its best epoch and its EMA equals ``skd eval`` of the weights it saved, on
-    one process and on two (BatchNorm statistics are made equal across ranks before each
-    evaluation and checkpoint)."""
+def _reported_metrics_equal_skd_eval(run: Path, metrics: dict, tmp_path: Path) -> None:
+    """What a two-process run reports for its last epoch, its best epoch and its EMA equals
+    ``skd eval`` of the weights it saved, on one process and on two: BatchNorm statistics are made
+    equal across ranks before each evaluation and checkpoint (``dist_bn``)."""
     from skd.evaluate import evaluate_target
 
-    run = tmp_path / "run"
-    args = ["model.name=resnet8_cifar", "method.name=kd", "method.teacher=resnet8_cifar",
-            f"method.teacher_checkpoint={_teacher_file(tmp_path)}", "ema.enabled=true", "ema.decay=0.8",
-            "epochs=2", "data.batch_size=64", "data.num_workers=0", "log_with=[]", f"output_dir={run}"]
-    results = _two_processes(["train", *args], tmp_path)
-    for code, out, err in results:
-        assert code == 0, err[-3000:]
-        assert "frozen tensors outside DDP" in out
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = dict(metrics)
     best, ema = metrics.pop("best"), metrics.pop("ema")
     best.pop("epoch")
-    one = {"last": evaluate_target(run, ["data.num_workers=0"]),
-           "best": evaluate_target(run / "model_best.safetensors", ["data.num_workers=0"]),
-           "ema": evaluate_target(run / "model_ema.safetensors", ["data.num_workers=0"])}
-    for name, reported in (("last", metrics), ("best", best), ("ema", ema)):
-        assert one[name] == pytest.approx(reported, rel=1e-5, abs=1e-6), name
+    for target, reported in (("", metrics), ("model_best.safetensors", best), ("model_ema.safetensors", ema)):
+        assert evaluate_target(run / target, ["data.num_workers=0"]) == pytest.approx(reported, rel=1e-5, abs=1e-6), target
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "skd",
-                           "eval", str(run / "model_best.safetensors"), "data.num_workers=0",
-                           "--json", str(tmp_path / "two.json")],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "skd", "eval", str(run / "model_best.safetensors"),
+                           "data.num_workers=0", "--json", str(tmp_path / "two.json")],
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "two.json").read_text()) == pytest.approx(best, rel=1e-5, abs=1e-6)
 
 
 def test_a_failure_on_one_process_stops_every_process(tmp_path):
-    """A bug (a RuntimeError) on the main process while it writes for everyone: it exits with its
+    """KD on two processes: the frozen teacher is outside the DDP wrapper (checked by the worker).
+    Then a bug (a RuntimeError) on the main process while it writes for everyone: it exits with its
     own traceback, and the other process does not wait for it in a collective but stops too."""
-    args = ["model.name=resnet8_cifar", "method.name=ce", "epochs=1", "data.batch_size=256",
+    args = ["model.name=resnet8_cifar", "method.name=kd", "method.teacher=resnet8_cifar",
+            f"method.teacher_checkpoint={_teacher_file(tmp_path)}", "epochs=1", "data.batch_size=256",
             "data.num_workers=0", "log_with=[]", f"output_dir={tmp_path / 'run'}"]
-    (code0, _, err0), (code1, _, err1) = _two_processes(["fail-on-main", *args], tmp_path, timeout=240)
+    (code0, out0, err0), (code1, out1, err1) = _two_processes(["fail-on-main", *args], tmp_path, timeout=240)
+    assert "frozen tensors outside DDP" in out0 and "frozen tensors outside DDP" in out1
     assert code0 == 1 and "RuntimeError: injected failure while linking a checkpoint" in err0
     assert code1 == 1 and "RankFailed: another process failed: RuntimeError: injected failure" in err1
 

@@ -10,6 +10,7 @@ MODE ``fail-on-main``: train, with the main process's first link of a checkpoint
 """
 import os
 import sys
+import traceback
 
 os.environ.setdefault("ACCELERATE_USE_CPU", "1")
 
@@ -34,9 +35,18 @@ def main() -> int:
         def fail(*args, **kwargs):
             raise RuntimeError("injected failure while linking a checkpoint")
         skd.train.keep_as = fail
-    trainer.fit()
+    # Leave without interpreter teardown after the last collective: gloo can abort there (SIGABRT),
+    # which would hide the exit status under test.
+    try:
+        trainer.fit()
+    except Exception:  # noqa: BLE001  reported as Python would, with its traceback and status 1
+        traceback.print_exc()
+        status = 1
+    else:
+        status = 0
     sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown after the last collective (gloo can abort there)
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
