@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 USAGE = """usage: skd {train,eval,config,report,sweep,presets,shard,convert} ...
@@ -42,7 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"skd: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[command]).main(rest)
+    status = importlib.import_module(COMMANDS[command]).main(rest)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_now(status)
+    return status
+
+
+def _exit_now(status: int) -> None:
+    """End one process of a multi-process run once its command has finished: leave the process
+    group, flush, and exit without interpreter teardown, where gloo's threads can abort a process
+    whose work is done (SIGABRT, "terminate called without an active exception"), turning a
+    finished run's exit status into a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

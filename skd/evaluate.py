@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         predictions = predict_target(args.target, args.overrides)
         metrics = predictions.metrics()
-        print(format_table(metrics, title=str(args.target)))
-        print(json.dumps(metrics))
-        if PartialState().is_main_process:
+        if PartialState().is_main_process:  # every process holds the same metrics: one report
+            print(format_table(metrics, title=str(args.target)))
+            print(json.dumps(metrics))
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(metrics, indent=2) + "\n")
             if args.predictions:
