@@ -251,6 +251,36 @@ def test_dlb_targets_round_trip_through_rank_parts():
     assert torch.equal(target[0], rank1.previous_logits[1]) and torch.equal(target[1], rank0.previous_logits[0])
 
 
+def test_dlb_resumed_with_another_per_process_batch_finds_its_targets_in_any_part(monkeypatch):
+    """Two processes then and now, but another per-process batch: the loader re-plans the epoch,
+    so rank 0's next batch repeats samples that rank 1 read last. Its own part comes first, the
+    others after it; the epoch's dlb_targets_found counts come back with the own part."""
+    import skd.methods.dlb as dlb_module
+
+    def stepped(ids, repeated):
+        method = create_method(get_method_config_class("dlb")(), _tiny_net(), DATA).train()
+        method.start_epoch(3, 10)
+        x = torch.randn(len(ids), 3, 8, 8)
+        batch = {"image": x, "label": torch.zeros(len(ids), dtype=torch.int64), "index": torch.tensor(ids),
+                 "repeat": torch.randn(len(repeated), 3, 8, 8),
+                 "repeat_label": torch.zeros(len(repeated), dtype=torch.int64), "repeat_index": torch.tensor(repeated)}
+        method.previous_index, method.previous_logits = torch.tensor(repeated), torch.randn(len(repeated), 10)
+        method.after_step(batch, method(batch))
+        return method
+
+    rank0, rank1 = stepped([4, 9, 2], [4, 9]), stepped([7, 1], [30])
+    monkeypatch.setattr(dlb_module, "world", lambda: (0, 2))  # this process is rank 0 of two
+    resumed = create_method(get_method_config_class("dlb")(), _tiny_net(), DATA)
+    resumed.load_rank_states([rank0.rank_state(), rank1.rank_state()])
+    resumed.start_epoch(3, 10)  # the same epoch: the counts stay
+    assert resumed.epoch_stats() == rank0.epoch_stats() == {"dlb_targets_found": 1.0}
+    target, found = resumed._targets(torch.tensor([7, 2]), torch.zeros(2, 10))
+    assert found.tolist() == [True, True]
+    assert torch.equal(target[0], rank1.previous_logits[0]) and torch.equal(target[1], rank0.previous_logits[2])
+    resumed.start_epoch(4, 10)  # a new epoch starts its counts afresh
+    assert resumed.epoch_stats() == {}
+
+
 # ----------------------------------------------------------------------------------------- BYOT
 
 def _scala_net(channel_in: int, channel_out: int, size: int) -> torch.nn.Sequential:

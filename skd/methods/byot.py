@@ -28,6 +28,7 @@ from torch import nn
 from skd import losses
 from skd.batch import Batch
 from skd.config_checks import bounded
+from skd.errors import ConfigError
 from skd.features import (FeatureTap, default_input_size, forward_with_maps, is_token_model,
                           num_feature_maps, probe_features)
 from skd.methods.base import DataSpec, Method, MethodConfig
@@ -110,12 +111,12 @@ class BYOT(Method):
         probe = probe_features(model, [*self.taps, -1], with_embedding=True, input_size=default_input_size(model))
         *maps, last = probe.maps
         if not maps:
-            raise ValueError(f"method.taps: {type(model).__name__} has a single feature map, so no section "
-                             f"for an auxiliary classifier; name the maps in method.taps")
+            raise ConfigError(f"config key 'method.taps': {type(model).__name__} has a single feature map, so "
+                              f"no section for an auxiliary classifier; name the maps in method.taps")
         for tap, m in zip(self.taps, maps):
             if m.dim() != 4:
-                raise ValueError(f"method.taps: map {tap!r} of {type(model).__name__} has shape "
-                                 f"{tuple(m.shape)}, not [B, C, H, W]")
+                raise ConfigError(f"config key 'method.taps': map {tap!r} of {type(model).__name__} has "
+                                  f"shape {tuple(m.shape)}, not [B, C, H, W]")
         width = probe.embedding.shape[1]
         self.heads = nn.ModuleList(
             BottleneckHead(m.shape[1], cfg.head_width, width, max(1, round(m.shape[2] / last.shape[2])),

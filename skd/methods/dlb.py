@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from skd import losses
 from skd.batch import Batch
+from skd.collectives import world
 from skd.config_checks import bounded
 from skd.methods.base import DataSpec, Method, MethodConfig
 from skd.methods.registry import register_method
@@ -55,14 +55,16 @@ class DLB(Method):
         # Plain attributes, not buffers: they are per-process state, saved through rank_state.
         self.previous_index: torch.Tensor | None = None
         self.previous_logits: torch.Tensor | None = None
-        self._found = self._repeated = 0.0
+        # dlb_targets_found's counts of the epoch `_epoch` (kept by a mid-epoch checkpoint).
+        self._epoch, self._found, self._repeated = -1, torch.zeros((), dtype=torch.float64), 0
 
     @classmethod
     def train_loader_options(cls, cfg: Config) -> dict[str, Any]:
         return {"repeat_previous": True}
 
     def start_epoch(self, epoch: int, num_epochs: int) -> None:
-        self._found = self._repeated = 0.0
+        if epoch != self._epoch:  # a new epoch; a resume within one keeps its restored counts
+            self._epoch, self._found, self._repeated = epoch, torch.zeros((), dtype=torch.float64), 0
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -107,17 +109,25 @@ class DLB(Method):
     def rank_state(self) -> dict[str, torch.Tensor]:
         if self.previous_index is None:
             return {}
-        return {"previous_index": self.previous_index, "previous_logits": self.previous_logits}
+        return {"previous_index": self.previous_index, "previous_logits": self.previous_logits,
+                "found": torch.stack([self._found.to(torch.float64).cpu(), torch.tensor(float(self._repeated),
+                                                                                        dtype=torch.float64)]),
+                "epoch": torch.tensor(self._epoch)}
 
     def load_rank_states(self, parts: list[dict[str, torch.Tensor]]) -> None:
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        rank = dist.get_rank() if world > 1 else 0
-        # The same processes: this rank's own part, so the run continues bit for bit. Others:
-        # every saved rank's rows; the next batch takes those of the samples it repeats.
-        kept = [parts[rank]] if len(parts) == world else [p for p in parts if p]
-        if not kept or not kept[0]:
+        rank, world_size = world()
+        # Every saved rank's rows, this rank's own first: the next batch takes those of the samples
+        # it repeats (the first match), so with the same layout it continues bit for bit, and with
+        # another (more or fewer processes, another per-process batch) it finds the rows wherever
+        # the saved run kept them.
+        own = parts[rank] if len(parts) == world_size else {}
+        kept = [p for p in [own, *(q for q in parts if q is not own)] if p]
+        if not kept:
             self.previous_index = self.previous_logits = None
             return
         device = next(self.model.parameters()).device
         self.previous_index = torch.cat([p["previous_index"] for p in kept]).to(device)
         self.previous_logits = torch.cat([p["previous_logits"] for p in kept]).to(device)
+        if own and "found" in own:  # the epoch's counts so far, on the same processes
+            self._epoch = int(own["epoch"])
+            self._found, self._repeated = own["found"][0].to(device), int(own["found"][1])

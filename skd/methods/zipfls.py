@@ -17,12 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from skd import losses
 from skd.batch import Batch
 from skd.config_checks import bounded, one_of
-from skd.features import location_logits
-from skd.methods.base import Method, MethodConfig
+from skd.errors import ConfigError
+from skd.features import is_token_model, location_logits
+from skd.methods.base import DataSpec, Method, MethodConfig
 from skd.methods.registry import register_method
 
 
@@ -44,6 +46,12 @@ class ZipfLS(Method):
         official DenseNet ignores it)."""
         power: float = bounded(1.0, gt=0)
         """Exponent of the Zipf weights ``1/rank^power`` (official ``--power``)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, data: DataSpec) -> None:
+        super().__init__(model, cfg, data)
+        if cfg.dense and cfg.dense_upsample != "none" and is_token_model(model):  # no map to enlarge
+            raise ConfigError(f"config key 'method.dense_upsample' = {cfg.dense_upsample!r}: "
+                              f"{type(model).__name__} gives patch tokens, not a feature map; use none")
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg, labels = self.cfg, batch["label"]
