@@ -27,12 +27,14 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from skd.errors import CheckpointError, MissingFileError, SkdError
+from skd.errors import CheckpointError, CheckpointUnreadable, MissingFileError, SkdError
 from skd.weights import read_torch_file
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged"
 """Subfolder of ``checkpoints/`` that damaged checkpoints are moved into (see ``set_aside``)."""
+SUPERSEDED_DIR = "superseded"
+"""Subfolder of ``checkpoints/`` for a run's checkpoints newer than the one it went back to."""
 BEST_NAME = "best.pt"
 """The best epoch's checkpoint (by ``best_metric``), kept beside the pruned ones."""
 LAST_GOOD_NAME = "last_good.pt"
@@ -148,11 +150,12 @@ def load_parts(path: str | Path, count: int) -> list[dict[str, Any]]:
     return parts
 
 
-def set_aside(path: str | Path) -> Path:
-    """Move the damaged checkpoint ``path`` and its per-rank parts, under their own names, into
-    ``checkpoints/damaged/``, where neither pruning nor ``resume=auto`` looks; returns its new path."""
+def set_aside(path: str | Path, folder_name: str = DAMAGED_DIR) -> Path:
+    """Move the checkpoint ``path`` and its per-rank parts, under their own names, into
+    ``checkpoints/<folder_name>/`` (``damaged/`` by default, or ``superseded/``), where neither
+    pruning nor ``resume=auto`` looks; returns its new path."""
     path = Path(path)
-    folder = path.parent / DAMAGED_DIR
+    folder = path.parent / folder_name
     folder.mkdir(exist_ok=True)
     for file in [*path.parent.glob(path.name + ".rank-*"), path]:  # the main file last, as when saving
         os.replace(file, folder / file.name)
@@ -181,11 +184,17 @@ class _ErrorRecordingFile:
 def read_run_id(path: str | Path) -> str | None:
     """The ``run_id`` stored in a checkpoint, read without loading its tensors (memory-mapped);
     None for a checkpoint without one or a file that does not load."""
+    return read_field(path, "run_id")
+
+
+def read_field(path: str | Path, key: str) -> Any:
+    """The top-level ``key`` of a checkpoint, read without loading its tensors (memory-mapped);
+    None for a checkpoint without it or a file that does not load."""
     try:
-        state = read_torch_file(path, "checkpoint", _EXPECTED, mmap=True)
-    except SkdError:  # a damaged or foreign file belongs to no run
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  a damaged file belongs to no run
         return None
-    return state.get("run_id") if isinstance(state, dict) else None
+    return state.get(key) if isinstance(state, dict) else None
 
 
 def keep_as(path: str | Path, name: str) -> Path:
@@ -229,6 +238,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     ``MissingFileError``; a damaged one, or any other file, a ``CheckpointError`` naming it."""
     state = read_torch_file(path, "checkpoint", _EXPECTED)
     found = state.get("format") if isinstance(state, dict) else None
+    if isinstance(found, str) and found.startswith("skd-checkpoint-") and found not in FORMATS:
+        raise CheckpointUnreadable(f"checkpoint {path} was written by another version of skd (format {found!r}); "
+                                   f"this one reads {', '.join(FORMATS)}")
     if found not in FORMATS:
         what = (f"format {found!r}" if isinstance(state, dict) and "format" in state
                 else f"{type(state).__name__} without skd's format tag, e.g. a bare state_dict")

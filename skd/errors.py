@@ -15,7 +15,7 @@ import traceback
 from typing import Callable
 
 __all__ = ["SkdError", "ConfigError", "MissingFileError", "DataError", "CheckpointError",
-           "one_line", "run_command"]
+           "CheckpointUnreadable", "one_line", "run_command"]
 
 
 class SkdError(Exception):
@@ -40,6 +40,11 @@ class DataError(SkdError, ValueError):
 class CheckpointError(SkdError, ValueError):
     """A checkpoint or weights file that is damaged, is not one skd can load safely, or does not
     fit the model or run it is loaded into; the message names the file."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint that cannot be used now but is not known to be damaged: an I/O error while
+    reading it, or a format of a newer skd. ``resume=auto`` stops on it instead of setting it aside."""
 
 
 def one_line(e: BaseException) -> str:

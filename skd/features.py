@@ -98,16 +98,22 @@ def _dry_run(model: nn.Module, input_size: tuple[int, ...] | None) -> Iterator[t
         yield torch.zeros(1, *(input_size or default_input_size(model)), device=param.device, dtype=param.dtype)
 
 
-def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """``(C, H, W)`` the model is built for: its patch embed's fixed size, else timm's
-    ``pretrained_cfg["input_size"]`` (32 px for skd's CIFAR nets), else 224 px."""
+def fixed_input_size(model: nn.Module) -> tuple[int, ...] | None:
+    """``(C, H, W)`` a model only accepts (a ViT's patch embed without dynamic image size), else
+    None (a CNN takes any resolution)."""
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
-    if img_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
-        in_chans = getattr(getattr(patch_embed, "proj", None), "in_channels", 3)
-        return (in_chans, *tuple(img_size))
+    if img_size is None or getattr(patch_embed, "dynamic_img_size", False):
+        return None
+    in_chans = getattr(getattr(patch_embed, "proj", None), "in_channels", 3)
+    return (in_chans, *tuple(img_size))
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """``(C, H, W)`` the model is built for: its fixed input size, else timm's
+    ``pretrained_cfg["input_size"]`` (32 px for skd's CIFAR nets), else 224 px."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("input_size", (3, 224, 224)))
+    return fixed_input_size(model) or tuple(cfg.get("input_size", (3, 224, 224)))
 
 
 def forward_with_last_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,12 +18,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from skd.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint, read_run_id, set_aside
+from skd.checkpoint import (CHECKPOINT_DIR, SUPERSEDED_DIR, list_checkpoints, load_checkpoint, read_field,
+                            read_run_id, set_aside)
 from skd.config import TrainConfig, config_to_dict, flat_fields, in_sections
-from skd.errors import CheckpointError, ConfigError
+from skd.errors import CheckpointError, CheckpointUnreadable, ConfigError
 
 __all__ = ["check_output_dir", "select_checkpoint", "check_resume_config", "config_differences",
-           "OPERATIONAL_KEYS"]
+           "set_aside_newer", "OPERATIONAL_KEYS"]
 
 _log = logging.getLogger("skd.resume")
 
@@ -92,6 +93,9 @@ def select_checkpoint(run_dir: Path, resume: str) -> tuple[Path | None, dict[str
     for path in reversed(found):
         try:
             state = load_checkpoint(path)
+        except CheckpointUnreadable as e:  # not known to be damaged: neither moved nor skipped
+            raise ConfigError(f"resume=auto: {e}; resolve that, or resume from another checkpoint with "
+                              f"resume=PATH") from None
         except CheckpointError as e:
             damaged.append((path, e))
             continue
@@ -102,6 +106,20 @@ def select_checkpoint(run_dir: Path, resume: str) -> tuple[Path | None, dict[str
         raise ConfigError(f"resume=auto: none of the {len(found)} checkpoints in {run_dir / CHECKPOINT_DIR} "
                           f"loads; the newest: {damaged[0][1]}")
     return None, None
+
+
+def set_aside_newer(run_dir: Path, state: dict[str, Any]) -> list[Path]:
+    """A run gone back to an older checkpoint of its own (``resume=PATH``, e.g. ``last_good.pt``
+    after a divergence): move its newer checkpoints into ``checkpoints/superseded/``, so neither
+    ``resume=auto`` nor pruning takes them for the run's newest. Main process, after the config
+    check; returns where they went."""
+    newer = [p for p in list_checkpoints(run_dir)
+             if read_run_id(p) == state.get("run_id") and (read_field(p, "step") or 0) > state["step"]]
+    moved = [set_aside(p, SUPERSEDED_DIR) for p in newer]
+    if moved:
+        _log.warning("resuming from step %d: moved the run's %d newer checkpoints (%s) to %s", state["step"],
+                     len(moved), ", ".join(p.name for p in moved), moved[0].parent)
+    return moved
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any],

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import save_file
@@ -34,8 +33,8 @@ from tqdm import tqdm
 
 from skd.batch import Batch
 from skd.checkpoint import (BEST_NAME, CHECKPOINT_FORMAT, LAST_GOOD_NAME, CheckpointWriteError, best_checkpoint,
-                            checkpoint_path, keep_as, latest_checkpoint, load_checkpoint, load_parts, rng_state,
-                            save_checkpoint, save_part, set_rng_state)
+                            checkpoint_path, keep_as, latest_checkpoint, load_checkpoint, load_parts, read_field,
+                            rng_state, save_checkpoint, save_part, set_rng_state)
 from skd.config import ConfigError, TrainConfig, config_to_dict, flat_dict, load_config, save_config
 from skd.config_docs import format_config_keys, format_defaults_note
 from skd.data import CorruptDataError, DatasetInfo, resolve_shard_dir
@@ -48,7 +47,7 @@ from skd.metrics import Predictions
 from skd.methods import DataSpec, get_method_class
 from skd.mixup import create_mixer
 from skd.report import log_reliability_diagram
-from skd.resume import check_output_dir, check_resume_config, select_checkpoint
+from skd.resume import check_output_dir, check_resume_config, select_checkpoint, set_aside_newer
 from skd.teacher import load_state_dict_file, safetensors_metadata
 from skd.train_step import LossMeter, build_training, train_step
 
@@ -64,6 +63,11 @@ class StopRequested(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+SIGNAL_REPEAT_S = 5.0
+"""A second stop signal within this many seconds of the first is the same request (a scheduler's
+SIGTERM delivered both directly and through the launcher); a later one ends the process at once."""
 
 
 class RankFailed(RuntimeError):
@@ -99,6 +103,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         set_seed(cfg.seed)  # same initial weights on every rank
 
+        self._notes: list[str] = []  # shown when training starts
         info = self._build_loaders()
         # Accumulation windows never cross an epoch end: the epoch's last window may be shorter.
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum_steps)
@@ -114,6 +119,8 @@ class Trainer:
         self.predictions: Predictions | None = None  # the model's, from the latest evaluation
         self.loss_watch = _LossWatch(cfg.divergence_factor, report=acc.is_main_process)
         self.epoch_meter = LossMeter()  # the epoch's loss sums (kept by mid-epoch checkpoints)
+        self._epoch_meter_restored = False
+        self._bn_synced_at = -1  # the step at which BatchNorm statistics were last made equal
         self._resume_path = resume_path
         self._stop_signal: int | None = None
         self._on_all_ranks_or_none(self._write_config, main_only=True)
@@ -139,6 +146,8 @@ class Trainer:
             path, ckpt = select_checkpoint(self.run_dir, self.cfg.resume)
             if ckpt is not None:
                 check_resume_config(ckpt, self.cfg)
+                if self.cfg.resume != "auto":
+                    set_aside_newer(self.run_dir, ckpt)
             self._resume_state = ckpt
             answer.update(path=str(path) if path else None, run_id=(ckpt or {}).get("run_id") or uuid.uuid4().hex[:12])
         self._on_all_ranks_or_none(decide, main_only=True, error=ConfigError)
@@ -157,7 +166,6 @@ class Trainer:
                               f"processes × grad_accum_steps = {per_step}")
         self.batch_size = cfg.data.batch_size // per_step
         eval_batch = max(1, (cfg.data.eval_batch_size or cfg.data.batch_size) // world)
-        self._notes: list[str] = []
         workers = cfg.data.num_workers
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if workers > cores:  # more worker processes than cores only adds switching
@@ -192,35 +200,46 @@ class Trainer:
         else:  # ranks draw different dropout masks; a resume on other processes: new streams
             set_seed(derive_seed(cfg.seed, self.step, acc.process_index) % (1 << 31))
         self._init_trackers()
-        with self._stop_on_signals():
-            metrics: dict[str, Any] = {}
-            for epoch in range(self.epoch, cfg.epochs):
-                if self._max_steps_reached():
-                    break
-                train_stats = self.train_one_epoch(epoch)
-                metrics = self.evaluate()
-                improved = self._track_best(epoch, metrics)
-                # Where training continues: the next epoch, or this one when max_steps ended it early.
-                loader_state = self.train_loader.state_dict()
-                if loader_state["batches"] >= len(self.train_loader):
-                    loader_state = {"epoch": epoch + 1, "batches": 0}
-                self.epoch = loader_state["epoch"]
-                # The epoch's records first, its checkpoint last: a kill in between resumes from an
-                # earlier checkpoint, which drops the records of the epochs it trains again.
-                self.log_epoch(epoch, train_stats, metrics)
-                if improved:
-                    best_predictions = self.run_dir / "predictions_best.npz"
-                    self._on_all_ranks_or_none(lambda: self.predictions.save(best_predictions), main_only=True)
-                path = self.save(loader_state)
-                if improved:
-                    self._on_all_ranks_or_none(lambda: keep_as(path, BEST_NAME), main_only=True)
-                self._check_stop()
-            if not metrics:  # resumed a finished run: nothing left to train, evaluate once
-                metrics = self.evaluate()
-            if self.best is not None:
-                metrics["best"] = {"epoch": self.best["epoch"], **self.best["metrics"]}
-            self.finish(metrics)
-            return metrics
+        try:
+            with self._stop_on_signals():
+                metrics = self._train_epochs()
+        except BaseException:
+            for tracker in acc.trackers:  # what they logged stays readable when the run stops
+                tracker.finish()
+            raise
+        if self.best is not None:
+            metrics["best"] = {"epoch": self.best["epoch"], **self.best["metrics"]}
+        self.finish(metrics)
+        return metrics
+
+    def _train_epochs(self) -> dict[str, Any]:
+        """Train from the current epoch to the end (or ``max_steps``), evaluating and
+        checkpointing every epoch; the last evaluation's metrics."""
+        metrics: dict[str, Any] = {}
+        for epoch in range(self.epoch, self.cfg.epochs):
+            if self._max_steps_reached():
+                break
+            train_stats = self.train_one_epoch(epoch)
+            metrics = self.evaluate()
+            # Where training continues: the next epoch, or this one when max_steps ended it early
+            # (a partial epoch is no candidate for the best epoch: it comes back when continued).
+            loader_state = self.train_loader.state_dict()
+            finished = loader_state["batches"] >= len(self.train_loader)
+            if finished:
+                loader_state = {"epoch": epoch + 1, "batches": 0}
+            improved = finished and self._track_best(epoch, metrics)
+            self.epoch = loader_state["epoch"]
+            # The epoch's records first, its checkpoint last: a kill in between resumes from an
+            # earlier checkpoint, which drops the records of the epochs it trains again.
+            self.log_epoch(epoch, train_stats, metrics)
+            if improved:
+                best_predictions = self.run_dir / "predictions_best.npz"
+                self._on_all_ranks_or_none(lambda: self.predictions.save(best_predictions), main_only=True)
+            path = self.save(loader_state)
+            if improved:
+                self._on_all_ranks_or_none(lambda: keep_as(path, BEST_NAME), main_only=True)
+            self._check_stop()
+        return metrics or self.evaluate()  # a finished run resumed: nothing left to train, evaluate once
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """The optimizer steps of ``epoch`` from the loader's position (to its end, or until
@@ -233,8 +252,9 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         self._corrupt_before = self.train_loader.num_corrupt
         start, num_batches = self.train_loader.state_dict()["batches"], len(self.train_loader)
-        if start == 0:
+        if not self._epoch_meter_restored:  # a new epoch (a resume within one restored its sums)
             self.epoch_meter = LossMeter()
+        self._epoch_meter_restored = False
         progress = _Progress(acc, num_batches, start, epoch)
         batches = self._device_batches(epoch, start)
         accum = cfg.grad_accum_steps
@@ -247,7 +267,7 @@ class Trainer:
                                     status=lambda: (self._stop_signal is not None, self._corrupt_in_epoch()))
                 j += window
                 self.step += 1
-                self._act_on_consensus(agreed)
+                self._act_on_consensus(agreed, progress)
                 if self.step % cfg.log_every == 0:
                     progress.log(self.step, self._lr(), self._corrupt_in_epoch(), self._check_loss)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -256,7 +276,7 @@ class Trainer:
             progress.flush(self.step, self._check_loss)
         finally:
             progress.close()  # also on an error, so its message starts a clean line
-        self._act_on_consensus(self.parts.consensus.drain())
+        self._act_on_consensus(self.parts.consensus.drain(), progress)
         stats = self.epoch_meter.reduce(acc)
         self._check_loss(stats, self.step)
         stats["corrupt_samples"] = self._sum_over_ranks(self._corrupt_in_epoch())
@@ -299,8 +319,9 @@ class Trainer:
         rank 0's are saved, so the metrics must come from the same values. Before every
         evaluation and checkpoint."""
         acc = self.accelerator
-        if acc.num_processes == 1 or self.cfg.dist_bn == "none":
-            return
+        if acc.num_processes == 1 or self.cfg.dist_bn == "none" or self._bn_synced_at == self.step:
+            return  # (an epoch-end checkpoint right after the evaluation: already equal)
+        self._bn_synced_at = self.step
         reduce = self.cfg.dist_bn == "reduce"
         distribute_bn(self.unwrapped, acc.num_processes, reduce)
         if self.ema is not None:
@@ -309,13 +330,13 @@ class Trainer:
     # --------------------------------------------------------------------------- bookkeeping
     def log_epoch(self, epoch: int, train: dict[str, float], metrics: dict[str, Any]) -> None:
         acc = self.accelerator
+        method_stats = self.unwrapped.epoch_stats()
         record = {"epoch": epoch, "step": self.step, "lr": self._lr(),
-                  **{f"train_{k}": v for k, v in train.items()},
-                  **self.unwrapped.epoch_stats(), **metrics}
+                  **{f"train_{k}": v for k, v in train.items()}, **method_stats, **metrics}
         # Tags: train/... (per epoch: corrupt samples and the method's values such as PS-KD's
         # alpha_t; loss terms, lr and img/s come every log_every steps), val/... and val_ema/....
         scalars = {"epoch": epoch, "train/corrupt_samples": train["corrupt_samples"],
-                   **{f"train/{k}": v for k, v in self.unwrapped.epoch_stats().items()},
+                   **{f"train/{k}": v for k, v in method_stats.items()},
                    **{f"val/{k}": v for k, v in metrics.items() if k not in ("ema", "best")},
                    **{f"val_ema/{k}": v for k, v in metrics.get("ema", {}).items()}}
         acc.log(scalars, step=self.step)
@@ -325,7 +346,7 @@ class Trainer:
         if acc.is_main_process:
             skipped = (f"  corrupt skipped: train {train['corrupt_samples']}, val {metrics['num_corrupt']}"
                        if train["corrupt_samples"] or metrics["num_corrupt"] else "")
-            # A run resumed exactly at an epoch's last batch has no train loss for that epoch.
+            # An epoch of no step (resumed at its very end on other processes) has no train loss.
             tqdm.write(f"epoch {epoch}: loss {train.get('loss', float('nan')):.4f}  top1 {metrics['top1']:.2f}  "
                        f"nll {metrics['nll']:.4f}  ece {metrics['ece']:.2f}{skipped}")
 
@@ -350,6 +371,7 @@ class Trainer:
         """Checkpoint at the current step; ``loader_state`` is where training continues."""
         acc = self.accelerator
         self._distribute_bn()
+        good = self.loss_watch.saved()  # the loss stayed in bounds since the last checkpoint
         state = self.state_dict(loader_state)
         part = self.unwrapped.rank_state()  # this rank's share of a sharded state, else empty
         # A finite loss at step k was computed before step k's update: every floating tensor that
@@ -375,7 +397,7 @@ class Trainer:
         state["epoch_meters"] = [g["epoch_meter"] for g in gathered]
         self._on_all_ranks_or_none(lambda: save_checkpoint(state, path, self.cfg.keep_checkpoints)
                                    if acc.is_main_process else None)
-        if self.loss_watch.saved(self.step):  # the loss stayed in bounds since the last checkpoint
+        if good:
             self._on_all_ranks_or_none(lambda: keep_as(path, LAST_GOOD_NAME), main_only=True)
         return path
 
@@ -395,6 +417,8 @@ class Trainer:
             isinstance(failure, (OSError, SkdError)), f"{type(failure).__name__}: {one_line(failure)}",
             one_line(failure))
         reports = [r for r in gather_object([report]) if r]
+        if isinstance(failure, OSError) and not isinstance(failure, SkdError):  # a write that failed
+            raise error(one_line(failure)) from failure
         if failure is not None:
             raise failure
         if reports:
@@ -451,15 +475,15 @@ class Trainer:
         if not meters or state["loader"]["batches"] == 0:
             return
         acc = self.accelerator
+        self._epoch_meter_restored = True
         if len(meters) == acc.num_processes:
             self.epoch_meter.load_state(meters[acc.process_index], acc.device)
             return
         names = set().union(*(m["sums"] for m in meters))
-        share = len(meters) / acc.num_processes
         self.epoch_meter.load_state({
             "sums": {n: sum(m["sums"][n] for m in meters if n in m["sums"]) / acc.num_processes for n in names},
             "count": sum(m["count"] for m in meters) / acc.num_processes,
-            "images": round(sum(m["images"] for m in meters) * share / len(meters))}, acc.device)
+            "images": sum(m["images"] for m in meters) // acc.num_processes}, acc.device)
 
     def _init_trackers(self) -> None:
         """One tracker run per skd run: TensorBoard writes every start into ``RUN_DIR/skd/`` (the
@@ -511,8 +535,8 @@ class Trainer:
                   f"{metrics['num_corrupt']} in the final evaluation")
         if self._max_steps_reached() and self.epoch < self.cfg.epochs:
             print(f"stopped after max_steps={self.cfg.max_steps} optimizer steps (epoch {self.epoch} of "
-                  f"{self.cfg.epochs}); continue with output_dir={self.run_dir} resume=auto max_steps=0 "
-                  f"resume_allow_changes=[max_steps]")
+                  f"{self.cfg.epochs}); continue with the same command and output_dir={self.run_dir} "
+                  f"resume=auto max_steps=0 resume_allow_changes=[max_steps]")
         print(f"run directory: {self.run_dir}")
 
     # --------------------------------------------------------------------------------- helpers
@@ -545,9 +569,17 @@ class Trainer:
             yield
             return
 
+        first: dict[str, float] = {}
+
         def request_stop(signum: int, frame: Any) -> None:
+            # A scheduler's SIGTERM can arrive twice within moments (to the process directly and
+            # through its launcher): one request. A signal after that ends the process at once.
+            if "at" in first and time.monotonic() - first["at"] > SIGNAL_REPEAT_S:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            first.setdefault("at", time.monotonic())
             self._stop_signal = signum
-            signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield
@@ -555,7 +587,7 @@ class Trainer:
             for sig, handler in previous.items():  # None: a handler not set from Python
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
-    def _act_on_consensus(self, agreed: tuple[bool, int] | None) -> None:
+    def _act_on_consensus(self, agreed: tuple[bool, int] | None, progress: _Progress) -> None:
         """Every rank gets the same all-reduced values at the same step and acts on them."""
         if agreed is None:
             return
@@ -568,6 +600,7 @@ class Trainer:
                 f"{self.train_loader.info.num_samples}); the warnings above name them. "
                 f"{self._last_checkpoint_note()}")
         if stop:
+            progress.flush(self.step, self._check_loss)  # the losses since the last log line, checked
             self.save(self.train_loader.state_dict())
             raise StopRequested(self._stop_signal or signal.SIGTERM)
 
@@ -589,7 +622,6 @@ class _LossWatch:
         self.report = report  # this process prints the warnings
         self.reference: float | None = None  # the first logged loss of the run
         self.last_finite: tuple[int, float] | None = None
-        self.last_good_step: int | None = None
         self.in_bounds = True  # every loss since the last checkpoint
         self.diverging = False  # the latest loss, for one warning per excursion
 
@@ -617,11 +649,9 @@ class _LossWatch:
         self.in_bounds = self.in_bounds and not diverging
         return None
 
-    def saved(self, step: int) -> bool:
-        """A checkpoint was written at ``step``: True if it is a good one (then remembered)."""
+    def saved(self) -> bool:
+        """A checkpoint is being written: True if it is a good one (to keep as last_good.pt)."""
         good, self.in_bounds = self.in_bounds, True
-        if good:
-            self.last_good_step = step
         return good
 
     def advice(self, newest: Path | None, run_dir: Path) -> str:
@@ -630,21 +660,21 @@ class _LossWatch:
             return "No checkpoint had been written yet."
         good = run_dir / "checkpoints" / LAST_GOOD_NAME
         text = f"The newest checkpoint, {newest}, is intact."
-        newest_step = int(newest.stem.removeprefix("step-"))
-        if self.factor and self.last_good_step not in (None, newest_step) and good.is_file():
+        good_step = read_field(good, "step") if self.factor and good.is_file() else None
+        if good_step is not None and good_step != read_field(newest, "step"):
             bound = (f" ({self.factor * self.reference:.4g})" if self.reference is not None else "")
             text += (f" The newest one written while the training loss stayed below divergence_factor="
                      f"{self.factor:g} × the first logged loss{bound} is {good} (optimizer step "
-                     f"{self.last_good_step}): resume from it with resume={good} (and, if the loss "
+                     f"{good_step}): resume from it with resume={good} (and, if the loss "
                      f"diverged, a smaller optim.lr).")
         return text
 
     def state(self) -> dict[str, Any]:
-        return {"reference": self.reference, "last_finite": self.last_finite, "last_good_step": self.last_good_step}
+        return {"reference": self.reference, "last_finite": self.last_finite, "diverging": self.diverging}
 
     def load_state(self, state: dict[str, Any] | None) -> None:
         if state:
-            self.reference, self.last_good_step = state["reference"], state["last_good_step"]
+            self.reference, self.diverging = state["reference"], bool(state.get("diverging"))
             self.last_finite = tuple(state["last_finite"]) if state["last_finite"] else None
 
 

@@ -23,6 +23,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from skd.batch import Batch
+from skd.collectives import world
 from skd.config import TrainConfig
 from skd.methods import DataSpec, Method, create_method
 from skd.models.factory import create_model
@@ -124,7 +125,7 @@ class StepConsensus:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.alone = not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+        self.alone = world()[1] == 1
         self.pending: tuple[torch.Tensor, Any] | None = None
 
     def exchange(self, stop: bool, corrupt: int) -> tuple[bool, int] | None:
@@ -163,7 +164,7 @@ class LossMeter:
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.count: float = 0
         self.images = 0
 
     def add(self, out: dict[str, Any], images: int) -> None:
@@ -180,7 +181,7 @@ class LossMeter:
 
     def load_state(self, state: dict[str, Any], device: torch.device) -> None:
         self.sums = {k: v.to(device) for k, v in state["sums"].items()}
-        self.count, self.images = int(state["count"]), int(state["images"])
+        self.count, self.images = state["count"], int(state["images"])  # a share of a count may be fractional
 
     def reduce(self, acc: Accelerator) -> dict[str, float]:
         """Mean of each part over the added micro-batches and over ranks (a host sync)."""

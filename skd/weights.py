@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from skd.errors import CheckpointError, MissingFileError
+from skd.errors import CheckpointError, CheckpointUnreadable, MissingFileError
 
 __all__ = ["read_torch_file", "load_state_dict_file", "extract_state_dict", "load_weights",
            "WEIGHTS_EXPECTED"]
@@ -47,7 +47,8 @@ def read_torch_file(path: str | Path, what: str, expected: str, *, mmap: bool = 
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001  torch raises many types for a file it cannot read
-        raise CheckpointError(f"{what} {path} {_why_not_loadable(path, e)}; expected {expected}") from None
+        kind = CheckpointUnreadable if isinstance(e, OSError) else CheckpointError  # I/O: maybe fine later
+        raise kind(f"{what} {path} {_why_not_loadable(path, e)}; expected {expected}") from None
 
 
 def _check_is_file(path: Path, what: str) -> None:

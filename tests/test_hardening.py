@@ -229,6 +229,19 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before_and_is_moved_asi
     assert "damaged" not in caplog.text
 
 
+def test_a_checkpoint_of_another_skd_version_stops_resume_auto_and_is_not_moved(finished_run, tmp_path, capsys):
+    """Not damaged, only not readable by this version: resume=auto stops with one line instead of
+    setting it aside and quietly resuming from an older checkpoint."""
+    run = _copy(finished_run, tmp_path, 45)
+    newest = list_checkpoints(run)[-1]
+    state = torch.load(newest, weights_only=True)
+    torch.save({**state, "format": "skd-checkpoint-9"}, newest)
+    assert train_main(FAST + ["epochs=2", f"output_dir={run}", "resume=auto"]) == 2
+    err = _error_line(capsys)
+    assert f"resume=auto: checkpoint {newest} was written by another version of skd (format 'skd-checkpoint-9')" in err
+    assert newest.is_file() and not (run / "checkpoints" / "damaged").exists()
+
+
 # ----------------------------------------------------------------------------- stop and corrupt data
 def test_stop_request_is_honoured_one_step_later_without_a_logging_step(tmp_path):
     """With log_every far away, a signal arriving during step 7 checkpoints at step 8."""
@@ -246,6 +259,25 @@ def test_stop_request_is_honoured_one_step_later_without_a_logging_step(tmp_path
     (checkpoint,) = list_checkpoints(tmp_path)
     state = load_checkpoint(checkpoint)
     assert state["step"] == 8 and (state["loader"]["epoch"], state["loader"]["batches"]) == (0, 8)
+
+
+def test_a_sigterm_delivered_twice_at_once_is_one_stop_request(tmp_path):
+    """A scheduler's SIGTERM reaches a worker directly and again through its launcher: the second,
+    moments after the first, must not end the process before its checkpoint is written."""
+    trainer = Trainer(load_config(None, FAST + ["log_every=1000", f"output_dir={tmp_path}"]))
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    with pytest.raises(StopRequested):
+        trainer.fit()
+    (checkpoint,) = list_checkpoints(tmp_path)
+    assert load_checkpoint(checkpoint)["step"] == 5
 
 
 def test_corrupt_samples_are_reported_and_bounded(tmp_path, capsys):
@@ -331,3 +363,21 @@ def test_a_launcher_mixed_precision_other_than_the_configs_is_refused(tmp_path, 
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what a launch without the key sets
     assert Trainer(load_config(None, FAST + [f"output_dir={tmp_path}/ok"])).accelerator.mixed_precision == "no"
+
+
+def test_an_epoch_resumed_on_other_processes_keeps_the_loss_sums_of_its_first_part(tmp_path):
+    """Two processes saved their epoch's loss sums mid-epoch; one process continues (its loader
+    re-plans the rest of the epoch from batch 0): it starts from the sums of both, so the epoch's
+    train loss covers the batches before the resume too."""
+    trainer = Trainer(load_config(None, FAST + [f"output_dir={tmp_path}"]))
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(8, 3, 32, 32, generator=gen), "label": torch.randint(0, 10, (8,), generator=gen),
+                "index": torch.arange(8)} for _ in range(3)]
+    trainer.train_loader = _ListLoader(batches, trainer.train_loader.info)
+    saved = [{"sums": {"loss": torch.tensor(6.0)}, "count": 3, "images": 24},
+             {"sums": {"loss": torch.tensor(9.0)}, "count": 3, "images": 24}]
+    trainer._restore_epoch_meter({"epoch_meters": saved, "loader": {"epoch": 0, "batches": 3}})
+    stats = trainer.train_one_epoch(0)
+    assert trainer.epoch_meter.count == 6 + 3  # both ranks' 3 micro-batches, then 3 more here
+    new = trainer.epoch_meter.sums["loss"].item() - 15.0
+    assert stats["loss"] == pytest.approx((15.0 + new) / 9)

@@ -648,3 +648,12 @@ def test_zipfls_and_bake_train_a_vit(name):
         from skd.features import location_logits
         votes = losses.dense_votes(location_logits(model, model.forward_features(batch["image"])))
         assert torch.equal(votes.sum(1), torch.full((4,), float(model.patch_embed.num_patches)))
+
+
+def test_a_teacher_statistic_that_is_not_three_values_is_a_config_error():
+    from skd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config key 'method.teacher_mean' = \[1.0, 2.0\]: must hold 3 values"):
+        load_config(None, ["method.name=kd", "method.teacher_mean=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"'method.teacher_std' .* all positive"):
+        load_config(None, ["method.name=kd", "method.teacher_std=[0.5, 0, 0.5]"])

@@ -186,6 +186,13 @@ def test_a_diverging_run_names_the_last_checkpoint_before_the_loss_rose(tmp_path
     assert f"{good} (optimizer step 4): resume from it with resume={good}" in message
     assert [p.name for p in list_checkpoints(run)] == ["step-000000005.pt", "step-000000006.pt"]
     assert load_checkpoint(good)["step"] == 4
+    # Going back as advised sets the diverged checkpoints aside: resume=auto will not pick them.
+    assert train_main(FAST + ["method.name=ce", "optim.lr=0.01", "log_every=1", "checkpoint_every=1",
+                              "keep_checkpoints=2", "max_steps=6", f"output_dir={run}", f"resume={good}",
+                              "resume_allow_changes=[max_steps]"]) == 0
+    superseded = run / "checkpoints" / "superseded"
+    assert sorted(p.name for p in superseded.iterdir()) == ["step-000000005.pt", "step-000000006.pt"]
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(run)] == [5, 6]  # the new ones
 
 
 @pytest.mark.parametrize("where", ["weight", "bn_buffer", "ema", "pskd_memory"])

@@ -21,21 +21,24 @@ def test_max_steps_stops_early_and_writes_everything_a_run_writes(tmp_path, caps
     run = tmp_path / "quick"
     metrics = train(load_config(None, FAST + ["epochs=3", "max_steps=5", f"output_dir={run}"]))
     out = capsys.readouterr().out
-    assert (f"stopped after max_steps=5 optimizer steps (epoch 0 of 3); continue with output_dir={run} "
-            f"resume=auto max_steps=0 resume_allow_changes=[max_steps]") in out
+    assert (f"stopped after max_steps=5 optimizer steps (epoch 0 of 3); continue with the same command and "
+            f"output_dir={run} resume=auto max_steps=0 resume_allow_changes=[max_steps]") in out
     assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    assert metrics["num_samples"] == 360 and metrics["best"]["epoch"] == 0
+    # A partial epoch is no best epoch: it is trained to its end when the run continues.
+    assert metrics["num_samples"] == 360 and "best" not in metrics
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [(h["epoch"], h["step"]) for h in history] == [(0, 5)]
     state = load_checkpoint(latest_checkpoint(run))
     assert state["step"] == 5 and (state["loader"]["epoch"], state["loader"]["batches"]) == (0, 5)
-    for name in ("model.safetensors", "model_best.safetensors", "predictions.npz"):
+    for name in ("model.safetensors", "predictions.npz"):
         assert (run / name).is_file(), name
+    assert not (run / "model_best.safetensors").exists() and not (run / "checkpoints" / "best.pt").exists()
     # The quick try continues into the full run.
     train(load_config(None, FAST + ["epochs=1", f"output_dir={run}", "resume=auto",
                                     "resume_allow_changes=[max_steps, epochs]"]))
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [(h["epoch"], h["step"]) for h in history] == [(0, 23)]
+    assert json.loads((run / "metrics.json").read_text())["best"]["epoch"] == 0  # the whole epoch 0
 
 
 def test_more_workers_than_cores_are_capped_with_a_note(tmp_path, capsys):

@@ -113,12 +113,13 @@ class TrainStep:
         self.parts.scheduler.step(epoch)
         loader_options = get_method_class(spec.method).train_loader_options(cfg.method)
         self.batch = synthetic_batch(sizes, accelerator.device, with_partner="with_partner" in loader_options)
-        self.meter, self.step = LossMeter(), 0
+        self.meter, self.epoch_meter, self.step = LossMeter(), LossMeter(), 0
         self.last: dict[str, Any] = {}
 
     def __call__(self) -> dict[str, torch.Tensor]:
+        # The trainer's observers: the meter since the last log line, the epoch's meter (and a bar).
         train_step(self.parts, itertools.repeat(self.batch), self.cfg.grad_accum_steps, self.step,
-                   observers=(self.meter, self))
+                   observers=(self.meter, self.epoch_meter, self))
         self.step += 1
         return self.last
 

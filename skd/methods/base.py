@@ -2,9 +2,11 @@
 
 A method is an ``nn.Module`` (timm ``task`` style) that owns the student model and any extra
 trainable modules (USKD's weak head, ICKD's embed), holds its state (PS-KD's memory) in its
-``state_dict``, and computes the loss from a batch. The training loop only calls ``forward``,
-``start_epoch`` and ``after_step`` (and, around checkpoints, ``rank_state`` and
-``load_rank_states`` for state too large to gather), and wraps the method for DDP. Frozen modules
+``state_dict``, and computes the loss from a batch. The training loop calls ``forward``,
+``start_epoch`` and ``after_step`` in the step, ``epoch_stats`` and ``notes`` to report, and,
+around checkpoints, ``rank_state`` and ``load_rank_states`` for state too large to gather; the
+loaders read ``train_loader_options`` and ``image_keys``, the config check ``mixup_refusal``.
+The method is what DDP wraps. Frozen modules
 (a teacher) are held outside the method's module tree (``add_frozen``), as timm keeps its
 distillation teacher outside DDP: they are in no optimizer, checkpoint or DDP synchronisation.
 """

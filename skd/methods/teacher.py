@@ -15,6 +15,7 @@ from skd.config_checks import bounded, one_of
 from skd.convert import CHECKPOINT_FORMATS
 from skd.errors import ConfigError
 from skd.methods.base import DataSpec, Method, MethodConfig
+from skd.features import fixed_input_size
 from skd.teacher import load_teacher, training_statistics
 
 __all__ = ["TeacherConfig", "TeacherMethod", "TeacherInput", "create_teacher", "teacher_input"]
@@ -48,8 +49,8 @@ class TeacherConfig(MethodConfig):
         for key in ("teacher_mean", "teacher_std"):
             value = getattr(self, key)
             if value is not None and (len(value) != 3 or (key == "teacher_std" and min(value) <= 0)):
-                raise ValueError(f"config key 'method.{key}' = {value!r}: must hold 3 values (RGB)"
-                                 + (", all positive" if key == "teacher_std" else ""))
+                raise ConfigError(f"config key 'method.{key}' = {value!r}: must hold 3 values (RGB)"
+                                  + (", all positive" if key == "teacher_std" else ""))
 
 
 def create_teacher(cfg: TeacherConfig, student: nn.Module, num_classes: int) -> nn.Module:
@@ -105,14 +106,16 @@ class TeacherInput(nn.Module):
 def teacher_input(cfg: TeacherConfig, teacher: nn.Module, data: DataSpec) -> tuple[TeacherInput, str]:
     """The teacher's input adapter, and a line saying what it does and where its numbers come
     from: ``method.teacher_mean``/``teacher_std``/``teacher_img_size``, else what the teacher's
-    checkpoint records, else its timm ``pretrained_cfg``."""
+    checkpoint records, else its timm ``pretrained_cfg`` for the statistics and, for a model that
+    only takes one input size (a ViT), that size; a CNN is then fed the training resolution."""
     recorded = training_statistics(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None
     if recorded is not None:
         mean, std, size, source = recorded["mean"], recorded["std"], recorded["img_size"], cfg.teacher_checkpoint
     else:
         pretrained = getattr(teacher, "pretrained_cfg", None) or {}
         mean, std = pretrained.get("mean", (0.485, 0.456, 0.406)), pretrained.get("std", (0.229, 0.224, 0.225))
-        size = int(pretrained.get("input_size", (3, 224, 224))[-1])
+        fixed = fixed_input_size(teacher)
+        size = fixed[-1] if fixed else data.img_size
         source = f"timm's pretrained_cfg of {pretrained.get('architecture', type(teacher).__name__)}"
     explicit = [k for k in ("teacher_mean", "teacher_std", "teacher_img_size") if getattr(cfg, k)]
     mean, std = tuple(cfg.teacher_mean or mean), tuple(cfg.teacher_std or std)
@@ -124,7 +127,8 @@ def teacher_input(cfg: TeacherConfig, teacher: nn.Module, data: DataSpec) -> tup
                     f"std {_fmt(std)}")
     if adapter.size is not None:
         what.append(f"resized from {data.img_size} to {size} px")
-    origin = ", ".join(f"method.{k}" for k in explicit) or source
+    origin = ", ".join(f"method.{k}" for k in explicit)
+    origin = f"{origin}; the rest from {source}" if origin and len(explicit) < 3 else origin or source
     if not what:
         return adapter, f"teacher inputs: the student's (its statistics, from {origin}, are the same)"
     return adapter, f"teacher inputs: {'; '.join(what)} (from {origin})"
