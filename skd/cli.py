@@ -16,7 +16,7 @@ USAGE = """usage: skd {train,eval,config,report,sweep,presets,shard,convert} ...
                                                 compare runs: table (Markdown, CSV), PNG figures
   skd report DIR... --paper [--out DIR]         runs (a sweep) laid out as their paper's table, beside
                                                 the paper's numbers: Markdown, CSV, figure
-  skd sweep TABLE|PRESET... --seeds S... --out DIR [key=value ...] [--executor local|slurm]
+  skd sweep TABLE|PRESET... [--seeds S...] [--out DIR] [key=value ...] [--executor local|slurm]
                                                 one run per preset x seed, resumable; --status DIR, --list
   skd presets [--table TABLE_ID]                list the presets with their table cell and paper number
   skd shard INPUT OUT_DIR [options]             write WebDataset shards + dataset.json from an image

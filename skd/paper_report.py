@@ -14,15 +14,19 @@ Runs of one cell must be the same experiment (their configs may differ in the se
 report stops: the cell would mix two experiments. Cells whose runs differ from the preset as it
 is now (beyond seed, data folders and teacher file: e.g. ``epochs=1``) are marked ‡ with the keys.
 
+A diverged run's NaN or infinite value gives the cell a NaN or infinite mean (NaN std), marked ⚠;
+the figure leaves such cells out. A run folder reached twice (given twice, or inside another
+folder given) counts once.
+
 Writes ``paper.md`` (every table, its notes and figure), ``paper.csv`` (one line per cell, full
-precision) and ``paper-<table_id>.png`` (skd against the paper per cell, error bars, y = x).
+precision) and ``paper-<table_id>.png`` (skd against the paper per cell, error bars, y = x; the
+legend below the axes as in ``skd report``'s figures).
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from skd.config import config_to_dict, load_config, load_yaml
-from skd.errors import SkdError, run_command
+from skd.errors import SkdError
+from skd.report import _digits, _figure, _legend_below, _mean, _std, format_number
 from skd.resume import config_differences
 from skd.sweep.runs import SWEEP_FILE, Sweep
 from skd.tables import Cell, Table, list_tables, metric_label
@@ -85,12 +90,14 @@ class CellResult:
 
     @property
     def mean(self) -> float | None:
-        return self.shown(statistics.fmean(self.values)) if self.values else None
+        """NaN or infinite when a run's value is (a diverged run)."""
+        return self.shown(_mean(self.values)) if self.values else None
 
     @property
     def std(self) -> float | None:
-        """Sample standard deviation (n − 1) over the runs; None below two runs."""
-        return statistics.stdev(self.values) if self.n > 1 else None
+        """Sample standard deviation (n − 1) over the runs, NaN when a value is not finite; None
+        below two runs."""
+        return _std(self.values)
 
     @property
     def paper(self) -> float | None:
@@ -116,6 +123,8 @@ class CellResult:
         neither can be judged."""
         if self.delta is None:
             return None
+        if not math.isfinite(self.delta):  # a diverged run: nowhere near the paper
+            return True
         if self.paper_std is not None:
             return abs(self.delta) > self.paper_std
         return None if self.std is None else abs(self.delta) > 2 * self.std
@@ -123,19 +132,22 @@ class CellResult:
 
 def find_runs(paths: list[str | Path]) -> list[_Run]:
     """The runs under ``paths``: a sweep folder's planned runs, a run folder, or every run folder
-    (one holding ``config.yaml``) below a folder."""
-    runs: list[_Run] = []
+    (one holding ``config.yaml``) below a folder. A run folder reached more than once (given twice,
+    or inside another folder given) is one run, in the place it was first reached."""
+    found: dict[Path, tuple[Path, dict[str, Any] | None]] = {}
     for path in map(Path, paths):
         if (path / SWEEP_FILE).is_file():
             sweep = Sweep.load(path)
-            runs += [_read(r.path(sweep.root), r.config) for r in sweep.runs]
+            candidates = [(r.path(sweep.root), r.config) for r in sweep.runs]
         elif (path / "config.yaml").is_file():
-            runs.append(_read(path, None))
+            candidates = [(path, None)]
         elif path.is_dir():
-            runs += [_read(p.parent, None) for p in sorted(path.rglob("config.yaml"))]
+            candidates = [(p.parent, None) for p in sorted(path.rglob("config.yaml"))]
         else:
             raise PaperReportError(f"{path} is not a run folder, a sweep folder or a folder of runs")
-    return runs
+        for run_dir, planned in candidates:
+            found.setdefault(run_dir.resolve(), (run_dir, planned))
+    return [_read(run_dir, planned) for run_dir, planned in found.values()]
 
 
 def _read(path: Path, planned: dict[str, Any] | None) -> _Run:
@@ -202,18 +214,10 @@ def paper_results(runs: list[_Run], metric: str | None = None) -> tuple[list[lis
     return tables, [r for r in runs if r.key not in placed]
 
 
-def _number(value: float | None, digits: int) -> str:
-    return "" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def _digits(metric: str) -> int:
-    return 3 if metric == "nll" else 2
-
-
 def _cell_text(result: CellResult, notes: list[str]) -> str:
     d = _digits(result.metric)
-    paper = "" if result.paper is None else f"paper {result.paper:.{d}f}" + (
-        f" ± {result.paper_std:.{d}f}" if result.paper_std is not None else "")
+    paper = "" if result.paper is None else f"paper {format_number(result.paper, d)}" + (
+        f" ± {format_number(result.paper_std, d)}" if result.paper_std is not None else "")
 
     def note(text: str) -> str:
         if text not in notes:
@@ -225,10 +229,12 @@ def _cell_text(result: CellResult, notes: list[str]) -> str:
     if not result.values:
         waiting = f"{result.unfinished} unfinished" if result.unfinished else "no run"
         return " · ".join(filter(None, [paper, waiting]))
-    skd = f"**{result.mean:.{d}f}**" + (f" ± {result.std:.{d}f}" if result.std is not None else "") + f" (n={result.n})"
+    skd = (f"**{format_number(result.mean, d)}**" + (f" ± {format_number(result.std, d)}" if result.std is not None
+                                                      else "") + f" (n={result.n})")
     parts = [skd, paper]
     if result.delta is not None:
-        parts.append(f"Δ {result.delta:+.{d}f}" + (" ⚠" if result.outside else ""))
+        delta = format_number(result.delta, d)
+        parts.append(f"Δ {'' if delta.startswith('-') else '+'}{delta}" + (" ⚠" if result.outside else ""))
     if result.unfinished:
         parts.append(f"+{result.unfinished} unfinished")
     if result.differs:
@@ -271,11 +277,12 @@ def write_csv(tables: list[list[CellResult]], path: Path) -> None:
 
 
 def paper_figure(results: list[CellResult]) -> Figure:
-    """skd (mean ± std over runs) against the paper (± where published) for every cell with both,
-    and the line y = x; red where the cell is marked ⚠."""
+    """skd (mean ± std over runs) against the paper (± where published) for every cell with both
+    (a cell whose mean is NaN or infinite is left out), and the line y = x over all of them; red
+    where the cell is marked ⚠. The legend sits below the axes."""
     table = results[0].table
-    points = [r for r in results if r.mean is not None and r.paper is not None]
-    fig = Figure(figsize=(6.4, 6.0), layout="constrained")
+    points = [r for r in results if r.mean is not None and r.paper is not None and math.isfinite(r.mean)]
+    fig = _figure(6.4, 6.0)
     ax = fig.subplots()
     colors = {True: "tab:red", False: "tab:blue", None: "gray"}
     for r in points:
@@ -292,9 +299,10 @@ def paper_figure(results: list[CellResult]) -> Figure:
         ax.plot([low - pad, high + pad], [low - pad, high + pad], "--", color="gray", linewidth=1, label="y = x")
         ax.set(xlim=(low - pad, high + pad), ylim=(low - pad, high + pad))
         kinds = {True: "outside (⚠)", False: "within", None: "one run, no paper ±: not judged"}
-        handles = [Line2D([], [], marker="o", linestyle="", color=colors[k], label=label)
-                   for k, label in kinds.items() if any(r.outside is k for r in points)]
-        ax.legend(handles=[*ax.get_legend_handles_labels()[0], *handles], loc="upper left", fontsize="small")
+        handles = [*ax.get_legend_handles_labels()[0],
+                   *(Line2D([], [], marker="o", linestyle="", color=colors[k], label=label)
+                     for k, label in kinds.items() if any(r.outside is k for r in points))]
+        _legend_below(fig, handles, [h.get_label() for h in handles])
     else:
         ax.text(0.5, 0.5, "no cell has both a run and a paper number", ha="center", va="center",
                 transform=ax.transAxes)
@@ -336,11 +344,8 @@ def write_paper_report(paths: list[str | Path], out: str | Path | None = None, m
 
 
 def report_paper(paths: list[str], out: str | None, metric: str | None) -> int:
-    """``skd report --paper``: write the report and print it."""
-    def body() -> int:
-        index = write_paper_report(paths, out, metric)
-        print(index.read_text(), end="")
-        print(f"report: {index}")
-        return 0
-
-    return run_command("skd report", body)
+    """``skd report --paper`` (inside the command's ``run_command``): write the report and print it."""
+    index = write_paper_report(paths, out, metric)
+    print(index.read_text(), end="")
+    print(f"report: {index}")
+    return 0

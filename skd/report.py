@@ -621,6 +621,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", choices=METRIC_KEYS,
                         help="with --paper: the metric to compare (default: the table's own)")
     args = parser.parse_args(argv)
+    if args.paper and args.group_by:
+        parser.error("--group-by does not apply with --paper (a paper's cell already averages its seeds)")
+    if args.metric and not args.paper:
+        parser.error("--metric applies only with --paper")
 
     def body() -> int:
         if args.paper:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 import yaml
 from torch import nn
 

@@ -343,7 +343,6 @@ def test_every_relative_link_and_anchor_resolves():
                 continue
             path, _, anchor = target.partition("#")
             resolved = (page.parent / path).resolve() if path else page
-            rel = resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else str(resolved)
             if not resolved.exists():
                 broken.append(f"{page.name}: {target} (no such file)")
             elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):

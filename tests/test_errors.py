@@ -3,7 +3,6 @@ key or value and exit status 2; anything else keeps its traceback (exit status 1
 unpickled into objects, and no message advises doing so."""
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from skd.config_docs import config_keys, format_defaults_note
 from skd.convert import build_parser as convert_parser
 from skd.data.shard_cmd import build_parser as shard_parser
 from skd.environment import check_environment
-from skd.errors import CheckpointError, ConfigError, MissingFileError
+from skd.errors import CheckpointError, ConfigError
 from skd.evaluate import evaluate_target
 from skd.models.factory import create_model
 from skd.resume import select_checkpoint

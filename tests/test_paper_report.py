@@ -1,6 +1,8 @@
 """``skd report --paper``: cells against hand-computed mean, std and Δ, the paper's layout (rows,
-columns, errors), missing cells, marks, footnotes, the CSV and the figure, and the refusal to mix
-two experiments in one cell. Synthetic run folders: config.yaml and metrics.json written here."""
+columns, errors), missing cells, marks, footnotes, the CSV and the figure (the line y = x over
+every point, the legend below the axes), a diverged run's NaN and infinite values, run folders
+reached twice, the options that do not go with --paper, and the refusal to mix two experiments in
+one cell. Synthetic run folders: config.yaml and metrics.json written here."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -93,9 +96,25 @@ def test_cells_against_hand_computed_statistics_in_the_papers_layout(tmp_path):
     assert (ece.mean, ece.paper, ece.std) == (2.0, 3.84, 0.0) and ece.delta == pytest.approx(2.0 - 3.84, abs=1e-12)
 
     fig = paper_figure(results)
+    fig.draw_without_rendering()
     (ax,) = fig.axes
-    identity = [line for line in ax.lines if line.get_label() == "y = x"]
-    assert len(identity) == 1 and list(identity[0].get_xdata()) == list(identity[0].get_ydata())
+    (identity,) = [line for line in ax.lines if line.get_label() == "y = x"]
+    # The line runs over every plotted point with its error bars, along both axes.
+    points = [r for r in results if r.mean is not None and r.paper is not None]
+    assert len(points) == 3
+    low = min(min(r.paper - (r.paper_std or 0), r.mean - (r.std or 0)) for r in points)
+    high = max(max(r.paper + (r.paper_std or 0), r.mean + (r.std or 0)) for r in points)
+    for data in (identity.get_xdata(), identity.get_ydata()):
+        assert min(data) < low and max(data) > high
+    assert ax.get_xlim()[0] <= min(data) and ax.get_xlim()[1] >= max(data)
+    # The legend lies below the axes, off the data.
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    assert ax.get_legend() is None
+    box, axes = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert box.y1 <= axes.y0 and fig.bbox.y0 <= box.y0
+    assert [t.get_text() for t in legend.get_texts()] == ["y = x", "outside (⚠)", "within",
+                                                          "one run, no paper ±: not judged"]
     assert (tmp_path / "out" / "paper-pskd-imagenet.png").stat().st_size > 10_000
 
 
@@ -118,3 +137,41 @@ def test_a_cell_never_mixes_two_experiments(tmp_path):
     with pytest.raises(PaperReportError, match=r"would mix two experiments.*optim.lr"):
         write_paper_report([runs], tmp_path / "out")
     assert report_main([str(runs), "--paper", "--out", str(tmp_path / "out")]) == 2
+
+
+def test_a_diverged_run_and_run_folders_given_twice(tmp_path, capsys):
+    """An infinite or NaN value makes the cell's mean infinite or NaN (std NaN), marked, left out
+    of the figure; a run folder given again, or inside another folder given, counts once."""
+    runs = tmp_path / "runs"
+    _run(runs, "imagenet/resnet152_ce", 0, 70.0, best=78.0)
+    diverged = _run(runs, "imagenet/resnet152_ce", 1, 70.0, best=math.inf)
+    _run(runs, "imagenet/resnet152_pskd", 0, 69.0, best=math.nan)
+    _run(runs, "imagenet/resnet152_pskd", 1, 69.0, best=79.0)
+    assert report_main([str(runs), str(diverged), str(runs), "--paper", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "**-inf** ± nan (n=2) · paper 22.19 · Δ -inf ⚠" in out  # errors: 100 - inf
+    assert "**nan** ± nan (n=2) · paper 21.41 · Δ +nan ⚠" in out
+    (results,), _ = paper_results(find_runs([runs, diverged, runs / ".." / "runs"]))
+    cells = {(r.cell.row, r.cell.column): r for r in results}
+    assert cells["ResNet-152", "Baseline"].n == 2 and cells["ResNet-152", "PS-KD"].n == 2
+    assert math.isinf(cells["ResNet-152", "Baseline"].mean) and math.isnan(cells["ResNet-152", "Baseline"].std)
+    with open(tmp_path / "out" / "paper.csv") as f:
+        table = {(r["row"], r["column"]): r for r in csv.DictReader(f)}
+    assert (table["ResNet-152", "Baseline"]["skd_mean"], table["ResNet-152", "Baseline"]["n"]) == ("-inf", "2")
+    fig = paper_figure(results)
+    fig.draw_without_rendering()
+    (ax,) = fig.axes
+    assert all(np.isfinite(ax.get_xlim())) and all(np.isfinite(ax.get_ylim()))
+    assert not [line for line in ax.lines if line.get_label() == "y = x"]  # no cell left to plot
+    assert "no cell has both a run and a paper number" in [t.get_text() for t in ax.texts]
+
+
+@pytest.mark.parametrize("extra", [["--paper", "--group-by", "seed"], ["--metric", "ece"]])
+def test_options_that_do_not_go_together_are_refused(tmp_path, capsys, extra):
+    run = _run(tmp_path / "runs", "imagenet/resnet152_ce", 0, 70.0)
+    with pytest.raises(SystemExit) as exit_info:
+        report_main([str(run), "--out", str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    assert ("--group-by does not apply with --paper" if "--paper" in extra else "--metric applies only with --paper") \
+        in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

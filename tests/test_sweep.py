@@ -1,8 +1,9 @@
-"""``skd sweep``: the plan of a real table, the SLURM array (dry run, the task with a fake ``srun``
-and ``scontrol``, submission with a fake ``sbatch`` and ``squeue``), and the local executor: GPU
-slots, signals passed on, and the demo table end to end (a killed run resumed, a failed run
-reported and retried, a second invocation that skips everything, a run folder of another config
-refused, the paper report)."""
+"""``skd sweep``: the plan of a real table, the SLURM array (dry run, the task with a fake ``srun``,
+``scancel`` and ``scontrol``, submission with a fake ``sbatch`` and ``squeue``), the SLURM scripts'
+time-limit trap, and the local executor: GPU slots, signals passed on (also to a run whose start
+a signal interrupts), and the demo table end to end (a killed run resumed, a failed run reported
+and retried, a second invocation that skips everything, a run folder of another config refused,
+the paper report)."""
 from __future__ import annotations
 
 import json
@@ -23,7 +24,29 @@ from skd.report import main as report_main
 from skd.sweep.cli import main as sweep_main
 from skd.sweep.plan import SweepRequest, plan_sweep
 from skd.sweep.runs import CONFIG_FILE, STATE_FILE, Sweep, read_status
-from skd.sweep.slurm import _PER_NODE
+from skd.sweep.slurm import _PER_NODE, task_command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A job step that ends when the fake scancel signals it (writes step.signalled), not on a SIGTERM
+# of its own: real srun answers one by killing the step's tasks. It gives up after 30 s.
+FAKE_SRUN = ('printf "%s\\n" "$@" > "$FAKE_LOG/srun.args"\nenv > "$FAKE_LOG/srun.env"\n'
+             'trap \'echo "srun got SIGTERM" >> "$FAKE_LOG/calls"\' TERM\n'
+             'touch "$FAKE_LOG/srun.started"\n'
+             'for i in $(seq 600); do\n'
+             '  if [ -e "$FAKE_LOG/step.signalled" ]; then echo "srun: step ended" >> "$FAKE_LOG/calls"; exit 143; fi\n'
+             '  sleep 0.05\n'
+             'done\n')
+FAKE_SCANCEL = 'echo "scancel $*" >> "$FAKE_LOG/calls"\ntouch "$FAKE_LOG/step.signalled"\n'
+FAKE_SCONTROL = 'echo "scontrol $*" >> "$FAKE_LOG/calls"\n[ "$1" = show ] && echo node7 && echo node8\nexit 0\n'
+
+
+def _wait_for(condition, what: str, timeout: float = 120) -> None:
+    """Until ``condition()`` holds; fails (instead of hanging) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
 
 
 def _fake_bin(folder: Path, **scripts: str) -> dict[str, str]:
@@ -61,19 +84,22 @@ def test_plan_of_the_pskd_cifar100_table_as_a_slurm_array(tmp_path, capsys):
     script = out / "slurm" / "sweep-1.sbatch"
     lines = script.read_text().splitlines()
     for option in ("--array=0-74%8", "--partition=gpu", "--account=lab", "--nodes=2", "--gpus-per-node=4",
-                   "--time=12:00:00", "--signal=B:TERM@180", "--requeue"):
+                   "--cpus-per-task=32", "--time=12:00:00", "--signal=B:TERM@180", "--requeue"):
         assert f"#SBATCH {option}" in lines
+    assert "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}" in lines  # 8 CPUs per GPU by default
     assert lines[-1].endswith(f"-m skd.sweep.slurm {out.resolve()}")
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert not any(out.glob(f"**/{STATE_FILE}")), "a dry run marks no run as queued"
     assert "a job array of 75 tasks" in capsys.readouterr().out
 
-    # Planning another seed keeps every index (the array task ids) and appends.
-    assert sweep_main([argv[0], "--seeds", "3", *argv[5:]]) == 0
+    # Planning another seed keeps every index (the array task ids) and appends; the CPUs as asked.
+    assert sweep_main([argv[0], "--seeds", "3", *argv[5:], "--cpus-per-task", "12"]) == 0
     again = Sweep.load(out)
     assert [r.run_dir for r in again.runs[:75]] == [r.run_dir for r in sweep.runs] and len(again.runs) == 100
     assert {r.seed for r in again.runs[75:]} == {3}
-    assert "#SBATCH --array=75-99%8" in (out / "slurm" / "sweep-2.sbatch").read_text().splitlines()
+    lines = (out / "slurm" / "sweep-2.sbatch").read_text().splitlines()
+    assert {"#SBATCH --array=75-99%8", "#SBATCH --cpus-per-task=12", "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}"} \
+        <= set(lines)
 
 
 def test_teachers_and_data_are_wired_per_run_or_named_when_missing(tmp_path, monkeypatch):
@@ -98,35 +124,37 @@ def test_teachers_and_data_are_wired_per_run_or_named_when_missing(tmp_path, mon
     assert len(plan_sweep(tmp_path / "b", bare, complete=False)[2]) == 2  # a dry run plans them, with warnings
 
 
-def test_seeds_end_where_overrides_begin(tmp_path):
-    """``--seeds 0 1 key=value``: the override is not a seed (argparse alone would take it as one)."""
-    assert sweep_main(["demo", "--seeds", "0", "1", "data.num_workers=0", "--dry-run", "--out", str(tmp_path)]) == 0
+def test_seeds_end_where_overrides_begin(tmp_path, capsys):
+    """``--seeds 0 1 key=value``: the override is not a seed (argparse alone would take it as one).
+    A seed or preset named twice is one run."""
+    assert sweep_main(["demo", "digits/resnet8_ls", "--seeds", "1", "0", "1", "data.num_workers=0", "--dry-run",
+                       "--out", str(tmp_path)]) == 0
+    assert "plan: 6 runs (3 presets x 2 seeds)" in capsys.readouterr().out
     runs = Sweep.load(tmp_path).runs
-    assert [(r.preset, r.seed) for r in runs] == [(f"digits/resnet8_{m}", s) for m in ("ce", "ls", "pskd") for s in (0, 1)]
+    assert [(r.preset, r.seed) for r in runs] == [(f"digits/resnet8_{m}", s) for m in ("ce", "ls", "pskd") for s in (1, 0)]
     assert {r.config["data"]["num_workers"] for r in runs} == {0}
+    _, planned, _ = plan_sweep(tmp_path, SweepRequest(["digits/resnet8_ce", "digits/resnet8_ce"], [2, 2], [], {}, {}))
+    assert [(r.preset, r.seed) for r in planned] == [("digits/resnet8_ce", 2)]
 
 
 def test_array_task_resumes_requeues_and_submission_skips_queued_runs(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     sweep, runs, _ = plan_sweep(out, SweepRequest(["digits/resnet8_ce"], [0, 1], ["log_with=[]"], {}, {}))
     sweep.save()
-    env = _fake_bin(tmp_path / "bin", args='printf "%s\n" "$@"\n', srun='printf "%s\\n" "$@" > "$FAKE_LOG/srun.args"\nenv > "$FAKE_LOG/srun.env"\n'
-                    'trap "exit 143" TERM\ntouch "$FAKE_LOG/srun.started"\nfor i in $(seq 600); do sleep 0.1; done\n',
-                    scontrol='echo "$*" >> "$FAKE_LOG/scontrol.calls"\n[ "$1" = show ] && echo node7 && echo node8\n'
-                             'exit 0\n')
-    env.update(SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_JOB_ID="777", SLURM_JOB_ID="781", SLURM_JOB_NODELIST="node[7-8]",
-               SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4")
     log = tmp_path / "bin"
+    env = _fake_bin(log, args='printf "%s\\n" "$@"\n', srun=FAKE_SRUN, scancel=FAKE_SCANCEL, scontrol=FAKE_SCONTROL)
+    env.update(SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_JOB_ID="777", SLURM_JOB_ID="781", SLURM_JOB_NODELIST="node[7-8]",
+               SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="16")
     task = subprocess.Popen([sys.executable, "-m", "skd.sweep.slurm", str(out)], env=env)
-    deadline = time.time() + 120
-    while not (log / "srun.started").exists():
-        assert task.poll() is None and time.time() < deadline, "the task never started srun"
-        time.sleep(0.05)
     run_dir = runs[1].path(out)
-    assert read_status(run_dir).status == "running" and read_status(run_dir).where == "777_1"
-    task.send_signal(signal.SIGTERM)  # the time limit: passed on to srun, then the task requeues itself
-    assert task.wait(timeout=60) == 143
-    assert (log / "scontrol.calls").read_text().splitlines() == ["show hostnames node[7-8]", "requeue 777_1"]
+    _wait_for(lambda: read_status(run_dir).status == "running" or task.poll() is not None, "the task to start srun")
+    assert task.poll() is None and read_status(run_dir).where == "777_1"
+    # The time limit: the task sends SIGTERM to its step through SLURM (not to srun), waits for srun
+    # to end, then requeues itself.
+    task.send_signal(signal.SIGTERM)
+    assert task.wait(timeout=120) == 143
+    assert (log / "calls").read_text().splitlines() == [
+        "scontrol show hostnames node[7-8]", "scancel --signal=TERM 781", "srun: step ended", "scontrol requeue 777_1"]
     assert read_status(run_dir).status == "queued"
 
     args = (log / "srun.args").read_text().splitlines()
@@ -136,6 +164,12 @@ def test_array_task_resumes_requeues_and_submission_skips_queued_runs(tmp_path, 
     assert yaml.safe_load((run_dir / CONFIG_FILE).read_text()) == runs[1].config
     srun_env = dict(line.split("=", 1) for line in (log / "srun.env").read_text().splitlines() if "=" in line)
     assert (srun_env["MASTER_ADDR"], srun_env["MASTER_PORT"], srun_env["GPUS_PER_NODE"]) == ("node7", "20781", "4")
+    assert srun_env["SRUN_CPUS_PER_TASK"] == "16"  # srun does not inherit the job's --cpus-per-task
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("FAKE_LOG", env["FAKE_LOG"])
+    monkeypatch.delenv("SRUN_CPUS_PER_TASK", raising=False)
+    _, extra = task_command(runs[1], out, {k: v for k, v in env.items() if k != "SLURM_CPUS_PER_TASK"})
+    assert "SRUN_CPUS_PER_TASK" not in extra  # without --cpus-per-task srun takes SLURM's default
     # What srun runs on each node: one accelerate launch with this node's rank, the run's arguments intact.
     node = subprocess.run(["bash", "-c", _PER_NODE, str(log / "args"), "--config", "a b.yaml", "data.scale=[0.08, 1.0]"],
                           env={**srun_env, "SLURM_NODEID": "1"}, capture_output=True, text=True).stdout.splitlines()
@@ -148,30 +182,88 @@ def test_array_task_resumes_requeues_and_submission_skips_queued_runs(tmp_path, 
     assert subprocess.run([sys.executable, "-m", "skd.sweep.slurm", str(out)], env=env, timeout=120).returncode == 0
     assert not (log / "srun.started").exists()
 
-    # Submission: sbatch's job id marks the runs queued; a resubmission leaves what squeue still lists.
+    # Submission. Run 0 is being trained by a local sweep on another host (its state names a
+    # process, no SLURM job): left alone, and squeue is not asked about it. Run 1's task starts
+    # before sbatch has returned: its running state is not turned back into queued.
     (run_dir / "metrics.json").unlink()
     (run_dir / STATE_FILE).unlink()
-    env = _fake_bin(tmp_path / "bin", sbatch='echo "4242;cluster"\n', squeue='cat "$FAKE_LOG/queue"\n')
-    (log / "queue").write_text("4242_0\n4242_1\n")
+    runs[0].path(out).mkdir(parents=True)
+    (runs[0].path(out) / STATE_FILE).write_text(json.dumps({"status": "running", "host": "another-host", "pid": 4321}))
+    _fake_bin(log, sbatch='n=$(( $(cat "$FAKE_LOG/job" 2>/dev/null || echo 4241) + 1 )); echo $n > "$FAKE_LOG/job"\n'
+                          'if [ -e "$FAKE_LOG/start_at_once" ]; then rm "$FAKE_LOG/start_at_once"\n'
+                          '  echo "{\\"status\\": \\"running\\", \\"host\\": \\"node9\\", \\"pid\\": 1, '
+                          '\\"slurm_job\\": \\"${n}_1\\"}" > "$RUN1_STATE"; fi\n'
+                          'echo "$n;cluster"\n',
+              squeue='echo "$*" >> "$FAKE_LOG/squeue.calls"\ncat "$FAKE_LOG/queue"\n')
+    monkeypatch.setenv("RUN1_STATE", str(run_dir / STATE_FILE))
+    (log / "start_at_once").touch()
+    (log / "queue").write_text("4242_1\n")
     argv = ["digits/resnet8_ce", "--seeds", "0", "1", "--out", str(out), "log_with=[]", "--executor", "slurm"]
-    monkeypatch.setenv("PATH", env["PATH"])
-    monkeypatch.setenv("FAKE_LOG", env["FAKE_LOG"])
     assert sweep_main(argv) == 0
-    assert [read_status(r.path(out)).where for r in runs] == ["4242_0", "4242_1"]
-    capsys.readouterr()
+    assert "1 running in a local sweep" in capsys.readouterr().out
+    assert "#SBATCH --array=1" in (out / "slurm" / "sweep-1.sbatch").read_text().splitlines()
+    assert not (log / "squeue.calls").exists()
+    assert read_status(runs[0].path(out)).where == "another-host pid 4321"
+    assert (read_status(run_dir).status, read_status(run_dir).where) == ("running", "4242_1")
+    # Again: squeue still lists task 1, so nothing is submitted.
     assert sweep_main(argv) == 0 and "nothing to submit" in capsys.readouterr().out
-    (log / "queue").write_text("4242_1\n")  # task 0 left the queue without finishing
+    assert len((log / "squeue.calls").read_text().splitlines()) == 1
+    # Task 1 left the queue without finishing: it is submitted again, and marked queued.
+    (log / "queue").write_text("")
     assert sweep_main(argv) == 0
-    assert "#SBATCH --array=0" in (out / "slurm" / "sweep-2.sbatch").read_text().splitlines()
-    assert not (out / "slurm" / "sweep-3.sbatch").exists()
+    assert "#SBATCH --array=1" in (out / "slurm" / "sweep-2.sbatch").read_text().splitlines()
+    assert (read_status(run_dir).status, read_status(run_dir).where) == ("queued", "4243_1")
+    assert read_status(runs[0].path(out)).status == "running"
+
+
+@pytest.mark.parametrize("script, cpus", [("multinode.sbatch", "16"), ("1node.sbatch", None)])
+def test_the_slurm_scripts_signal_the_step_through_slurm_then_requeue(tmp_path, script, cpus):
+    """SIGTERM before the time limit reaches the batch script; its trap signals the training step
+    with scancel (srun itself never gets it), waits for srun and requeues the job."""
+    log = tmp_path / "bin"
+    env = _fake_bin(log, srun=FAKE_SRUN, scancel=FAKE_SCANCEL, scontrol=FAKE_SCONTROL)
+    env.update(SLURM_JOB_ID="781", SLURM_JOB_NAME="skd", SLURM_JOB_NODELIST="node[7-8]", SLURM_NNODES="2",
+               SLURM_GPUS_ON_NODE="4", RUN_DIR=str(tmp_path / "run"))
+    env.pop("SRUN_CPUS_PER_TASK", None)
+    env.pop("SLURM_CPUS_PER_TASK", None)
+    if cpus:
+        env["SLURM_CPUS_PER_TASK"] = cpus
+    batch = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm" / script), "configs/demo.yaml", "epochs=1"],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    _wait_for(lambda: (log / "srun.started").exists() or batch.poll() is not None, "the script to start srun")
+    assert batch.poll() is None
+    batch.send_signal(signal.SIGTERM)
+    assert batch.wait(timeout=120) == 143
+    calls = (log / "calls").read_text().splitlines()
+    assert calls[-3:] == ["scancel --signal=TERM 781", "srun: step ended", "scontrol requeue 781"], calls
+    assert "srun got SIGTERM" not in calls
+    args = (log / "srun.args").read_text().splitlines()
+    assert args[-2:] == ["resume=auto", "epochs=1"] if script == "1node.sbatch" else args[-2:] == ["configs/demo.yaml", "epochs=1"]
+    srun_env = dict(line.split("=", 1) for line in (log / "srun.env").read_text().splitlines() if "=" in line)
+    assert srun_env.get("SRUN_CPUS_PER_TASK") == cpus
+
+
+KILLED_AFTER_FIRST_CHECKPOINT = """
+import os, re, signal, sys
+_replace = os.replace
+def replace(src, dst, *args, **kwargs):  # a checkpoint is renamed into place: then SIGKILL, mid-epoch
+    _replace(src, dst, *args, **kwargs)
+    if re.fullmatch(r"step-[0-9]+[.]pt", os.path.basename(os.fspath(dst))):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+from skd.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+"""``skd train ARGS`` that kills itself with SIGKILL (as the OOM killer would) as soon as its first
+checkpoint is in place: always mid-epoch, whatever the machine's speed."""
 
 
 @pytest.mark.slow
-def test_local_sweep_of_the_demo_table_end_to_end(tmp_path, capsys):
+def test_local_sweep_of_the_demo_table_end_to_end(tmp_path, capsys, monkeypatch):
     """The demo table's baseline cell, three seeds of one epoch: one run killed mid-epoch and
     resumed, one that cannot start (failed, retried only when asked), a second invocation that
     skips everything, a run folder of another config refused, the paper report."""
-    import threading
+    import skd.sweep.local as local
 
     out = tmp_path / "demo"
     args = ["digits/resnet8_ce", "--seeds", "0", "1", "2", "--out", str(out), "epochs=1", "log_with=[]",
@@ -180,18 +272,21 @@ def test_local_sweep_of_the_demo_table_end_to_end(tmp_path, capsys):
     broken.mkdir(parents=True)
     (broken / "checkpoints").write_text("not a folder")  # skd train refuses this folder: exit 2
 
-    def kill_after_first_checkpoint() -> None:  # mid-epoch, as the OOM killer or a crash would
-        deadline = time.time() + 600
-        while not any((killed / "checkpoints").glob("step-*.pt")) and time.time() < deadline:
-            time.sleep(0.05)
-        os.kill(json.loads((killed / STATE_FILE).read_text())["pid"], signal.SIGKILL)
+    train_command = local.train_command
 
-    threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
-    assert sweep_main([*args, "--parallel", "2"]) == 1
+    def killed_after_first_checkpoint(train_args: list[str], processes: int, port: int) -> list[str]:
+        if f"output_dir={killed.resolve()}" in train_args:
+            return [sys.executable, "-c", KILLED_AFTER_FIRST_CHECKPOINT, *train_args]
+        return train_command(train_args, processes, port)
+
+    with monkeypatch.context() as patch:  # the first sweep only
+        patch.setattr(local, "train_command", killed_after_first_checkpoint)
+        assert sweep_main([*args, "--parallel", "2"]) == 1
     output = capsys.readouterr().out
     assert "stopped  digits/resnet8_ce seed 0 (signal SIGKILL)" in output
     assert "FAILED   digits/resnet8_ce seed 2 (exit 2: bad input" in output and "is a file" in output
     assert [read_status(p).status for p in (killed, done, broken)] == ["stopped", "done", "failed"]
+    assert [p.name for p in (killed / "checkpoints").glob("step-*.pt")] == ["step-000000003.pt"]
 
     # Again, with --retry-failed: the killed run resumes from its checkpoint, the failed one is tried
     # again (and still cannot start).
@@ -241,29 +336,34 @@ def test_parallel_runs_split_the_visible_gpus(monkeypatch):
 
 
 def test_a_signal_to_the_sweep_reaches_each_run_once(tmp_path, monkeypatch):
-    """SIGTERM to a local sweep: every running run hears it once (its own process group), stops,
-    is marked stopped; no new run starts; the sweep returns 128 + 15 and puts its handlers back."""
-    import threading
-
+    """SIGTERM to a local sweep, arriving while its second run is being started (after the process
+    exists, before the sweep has registered it): every running run hears it once (its own process
+    group), the one being started too, stops, is marked stopped; no new run starts; the sweep
+    returns 128 + 15 and puts its handlers back."""
     import skd.sweep.local as local
 
     out = tmp_path / "sweep"
     sweep, runs, _ = plan_sweep(out, SweepRequest(["digits/resnet8_ce"], [0, 1, 2], [], {}, {}))
-    fake = tmp_path / "fake_train.sh"
+    fake = tmp_path / "fake_train.sh"  # stops on SIGTERM; ends by itself after 30 s, as a failure
     fake.write_text('for a in "$@"; do case "$a" in output_dir=*) dir="${a#output_dir=}";; esac; done\n'
                     'trap \'echo TERM >> "$dir/terms"; exit 143\' TERM INT\n'
-                    'touch "$dir/started"\nwhile true; do sleep 0.05; done\n')
+                    'touch "$dir/started"\nfor i in $(seq 600); do sleep 0.05; done\nexit 2\n')
     monkeypatch.setattr(local, "train_command", lambda args, processes, port: ["bash", str(fake), *args])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    started = [r.path(out) / "started" for r in runs]
+    real_popen = local.Popen
 
-    def stop_when_both_run() -> None:
-        deadline = time.time() + 60
-        while not all((r.path(out) / "started").exists() for r in runs[:2]) and time.time() < deadline:
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGTERM)
+    def popen(*args, **kwargs):
+        process = real_popen(*args, **kwargs)
+        if all(p.exists() for p in started[:1]) and not started[1].exists():  # the second run
+            _wait_for(started[1].exists, "the second run's trap")
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, before the sweep knows the run
+        else:
+            _wait_for(started[0].exists, "the first run's trap")
+        return process
 
+    monkeypatch.setattr(local, "Popen", popen)
     handler = signal.getsignal(signal.SIGTERM)
-    threading.Thread(target=stop_when_both_run, daemon=True).start()
     assert local.run_local(sweep, runs, parallel=2, echo=lambda line: None) == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is handler
     assert [(r.path(out) / "terms").read_text() for r in runs[:2]] == ["TERM\n", "TERM\n"]

@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     slurm.add_argument("--account")
     slurm.add_argument("--nodes", type=int, default=1, help="nodes per run (default 1)")
     slurm.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node (default 1)")
-    slurm.add_argument("--cpus-per-task", type=int, help="CPUs per node for the run's processes")
+    slurm.add_argument("--cpus-per-task", type=int, metavar="C",
+                       help="CPUs per node for the run's processes, their loader workers and threads "
+                            "(default: 8 per GPU of a node)")
     slurm.add_argument("--time", default="24:00:00", help="time limit per task; a task that reaches it "
                        "checkpoints and is requeued (default 24:00:00)")
     slurm.add_argument("--throttle", type=int, metavar="N", help="at most N tasks at once (--array=...%%N)")
@@ -102,7 +104,8 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
     from skd.sweep.plan import SweepRequest, plan_sweep
 
     # --seeds takes every word after it: the integers are seeds, the rest targets and overrides.
-    seeds = [int(w) for w in args.seeds if w.isdigit()]
+    # A seed given twice is one run.
+    seeds = list(dict.fromkeys(int(w) for w in args.seeds if w.isdigit()))
     items = args.items + [w for w in args.seeds if not w.isdigit()]
     targets = [i for i in items if "=" not in i]
     overrides = [i for i in items if "=" in i]

@@ -6,7 +6,9 @@ launch``), always with ``resume=auto`` into its own folder.
   another executor is running (or SLURM has queued) are left alone.
 - Each run is its own process group: SIGINT/SIGTERM to the sweep are passed on once to every
   running run, which checkpoints and stops (then the sweep exits with 128 + the signal); a run
-  ended by a signal is ``stopped`` (resumed next time), one that exits 1 or 2 is ``failed``.
+  ended by a signal is ``stopped`` (resumed next time), one that exits 1 or 2 is ``failed``. The
+  handler only records a signal; the sweep's loop passes it on right after any start, so a signal
+  that arrives while a run is being started reaches that run too.
 - One local sweep per folder at a time (a lock file); the runs' output goes to their
   ``sweep.log``.
 """
@@ -59,6 +61,8 @@ class _Active:
     log: TextIO
     slot: int
     started: float
+    signalled: int = 0
+    """How many of the sweep's signals this run has been sent."""
 
 
 @contextlib.contextmanager
@@ -73,7 +77,7 @@ def _exclusive(root: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _forward_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+def _catch_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
     """SIGINT/SIGTERM call ``on_signal``; the previous handlers come back afterwards."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
@@ -109,8 +113,10 @@ def _last_line(path: Path) -> str:
 
 def run_local(sweep: Sweep, runs: list[PlannedRun], *, parallel: int = 1, gpus_per_run: int | None = None,
               retry_failed: bool = False, echo: Callable[[str], None] = print) -> int:
-    """Run ``runs`` of ``sweep``; returns the sweep's exit status: 0 when every run is done, 1 when
-    one failed or stopped, 128 + signal when the sweep itself was interrupted."""
+    """Run ``runs`` of ``sweep``; returns the sweep's exit status: 0 when no run failed or stopped
+    (every run is done, except those running or queued elsewhere, which are left alone), 1 when
+    one failed or stopped (or failed before and was not retried), 128 + signal when the sweep
+    itself was interrupted."""
     if parallel < 1:
         raise SweepError(f"--parallel {parallel}: must be at least 1")
     to_run, skipped = [], {"done": 0, "failed": 0, "elsewhere": 0}
@@ -132,11 +138,14 @@ def run_local(sweep: Sweep, runs: list[PlannedRun], *, parallel: int = 1, gpus_p
     stop: list[int] = []
     outcome = {"done": 0, "failed": 0, "stopped": 0}
 
-    def on_signal(signum: int) -> None:
-        stop.append(signum)
-        for a in active.values():  # each run is its own process group: it hears the signal once
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(a.process.pid, signum)
+    def pass_signals_on() -> None:
+        """Send every run the sweep's signals it has not had yet: each run is its own process
+        group, so it hears each signal once."""
+        for a in active.values():
+            while a.signalled < len(stop):
+                a.signalled += 1
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(a.process.pid, stop[a.signalled - 1])
 
     def start(run: PlannedRun, slot: int) -> None:
         run_dir = run.path(sweep.root)
@@ -171,12 +180,13 @@ def run_local(sweep: Sweep, runs: list[PlannedRun], *, parallel: int = 1, gpus_p
             outcome["failed"] += 1
             echo(f"FAILED   {a.run.label} ({exit_meaning(code)}): {_last_line(run_dir / LOG_FILE)}")
 
-    with _exclusive(sweep.root), _forward_signals(on_signal):
+    with _exclusive(sweep.root), _catch_signals(stop.append):
         queue = list(to_run)
         while queue or active:
             for slot in range(len(slots)):
                 if queue and slot not in active and not stop:
                     start(queue.pop(0), slot)
+            pass_signals_on()  # also to a run whose start a signal interrupted
             for slot, a in list(active.items()):
                 code = a.process.poll()
                 if code is not None:

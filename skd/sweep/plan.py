@@ -3,6 +3,8 @@
 
 - A target is a table id (its cells' presets, shared cells included), a preset name or a shell
   pattern of preset names (``cifar100_repdistiller/teacher_*``), or a preset file.
+- A seed or preset named twice (``--seeds 0 0``, a table and one of its presets) is one run;
+  order is kept (first appearance first).
 - Every run gets ``seed=K`` and the same ``key=value`` overrides; ``--data NAME=...`` sets
   ``data.train``/``data.val`` for the presets whose ``reference.dataset`` is NAME, and
   ``--teacher MODEL=FILE`` the ``method.teacher_checkpoint`` of every run whose teacher is MODEL.
@@ -123,14 +125,15 @@ def plan_sweep(root: str | Path, request: SweepRequest, *, command: list[str] | 
     if bad:
         raise SweepError(f"{', '.join(bad)}: the sweep sets seed (--seeds), output_dir (--out) and resume "
                          f"itself")
+    seeds = list(dict.fromkeys(request.seeds))
     sweep = Sweep.load(root, missing_ok=True)
     known = {r.run_dir: r for r in sweep.runs}
-    selected: list[PlannedRun] = []
+    selected: dict[str, PlannedRun] = {}  # run folder -> run: each run once, in plan order
     mismatched: list[str] = []
     no_data: dict[str, list[str]] = {}  # dataset -> runs
     no_teacher: dict[str, list[str]] = {}  # teacher model -> runs
     for preset in resolve_targets(request.targets):
-        for seed in request.seeds:
+        for seed in seeds:
             run, cfg = _plan_run(preset, seed, request)
             if not (cfg.data.train and cfg.data.val):
                 no_data.setdefault(preset.dataset or f"{preset.name} (no reference.dataset)", []).append(run.label)
@@ -151,7 +154,7 @@ def plan_sweep(root: str | Path, request: SweepRequest, *, command: list[str] | 
                 if trained is None:
                     old.config, old.overrides = run.config, run.overrides
                 run = old
-            selected.append(run)
+            selected.setdefault(run.run_dir, run)
     if mismatched:
         raise SweepError(f"{len(mismatched)} run folder(s) hold runs trained with another config than this "
                          f"sweep plans, which would mix two experiments in one table: {mismatched[0]}"
@@ -170,4 +173,4 @@ def plan_sweep(root: str | Path, request: SweepRequest, *, command: list[str] | 
         raise SweepError("; ".join(lacking))
     if command is not None:
         sweep.invocations.append({"time": datetime.now().isoformat(timespec="seconds"), "argv": command})
-    return sweep, selected, lacking
+    return sweep, list(selected.values()), lacking

@@ -166,6 +166,8 @@ class RunStatus:
     where: str
     updated: float | None
     """Newest modification time among the run's files (seconds since the epoch)."""
+    slurm_job: str | None = None
+    """The SLURM array task (``JOB_TASK``) the state was written for; None for a local run."""
 
 
 def _last_epoch(run_dir: Path) -> dict[str, Any]:
@@ -207,7 +209,7 @@ def read_status(run_dir: Path) -> RunStatus:
             status = "stopped"
     where = state.get("slurm_job") or (f"{state['host']} pid {state['pid']}" if "host" in state else "")
     return RunStatus(status, int(last["epoch"]) + 1 if "epoch" in last else 0, last.get("top1"),
-                     state.get("exit_status"), where, _newest_change(run_dir))
+                     state.get("exit_status"), where, _newest_change(run_dir), state.get("slurm_job"))
 
 
 def exit_meaning(code: int | None) -> str:
@@ -220,8 +222,7 @@ def exit_meaning(code: int | None) -> str:
             return f"signal {signal.Signals(number).name}"
         except ValueError:
             return f"exit {code}"
-    return {1: "exit 1: NaN/inf, or a checkpoint write failed", 2: "exit 2: bad input, see sweep.log"}.get(
-        code, f"exit {code}")
+    return {1: "exit 1: error, see sweep.log", 2: "exit 2: bad input, see sweep.log"}.get(code, f"exit {code}")
 
 
 def _age(updated: float | None) -> str:
