@@ -38,7 +38,10 @@ FAKE_SRUN = ('printf "%s\\n" "$@" > "$FAKE_LOG/srun.args"\nenv > "$FAKE_LOG/srun
              '  sleep 0.05\n'
              'done\n')
 FAKE_SCANCEL = 'echo "scancel $*" >> "$FAKE_LOG/calls"\ntouch "$FAKE_LOG/step.signalled"\n'
-FAKE_SCONTROL = 'echo "scontrol $*" >> "$FAKE_LOG/calls"\n[ "$1" = show ] && echo node7 && echo node8\nexit 0\n'
+# The second host name comes late, as from a long node list: a reader that stops after the first
+# line (head -n 1) makes it fail with SIGPIPE.
+FAKE_SCONTROL = ('echo "scontrol $*" >> "$FAKE_LOG/calls"\n'
+                 '[ "$1" = show ] && echo node7 && sleep 0.2 && echo node8\nexit 0\n')
 
 
 def _wait_for(condition, what: str, timeout: float = 120) -> None:
