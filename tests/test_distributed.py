@@ -207,7 +207,7 @@ def test_dlb_and_byot_on_two_processes_resume_exactly_and_dlb_continues_on_one(t
 # ------------------------------------------------------------------------------------------------
 # Zipf's LS and BAKE on two processes: one spawn for all of it (start-up is the expensive part)
 # ------------------------------------------------------------------------------------------------
-SELF_KD = {"zipfls": ["method.dense_upsample=bilinear"], "bake": []}
+SELF_KD = {"zipf_ls": ["method.dense_upsample=bilinear"], "bake": []}
 SELF_KD_ARGS = ["model.name=resnet8_cifar", "data.img_size=8", "epochs=1", "data.batch_size=128",
                 "data.num_workers=0", "log_with=[]", "log_every=4", "checkpoint_every=4",
                 "keep_checkpoints=0", "sched.warmup_epochs=0"]
@@ -254,7 +254,7 @@ def _self_kd_worker(rank: int, ports: list[int], root: str) -> None:
     os._exit(0)  # skips an exit-time abort of gloo after the last collective
 
 
-def test_zipfls_and_bake_on_two_processes_resume_exactly(tmp_path):
+def test_zipf_ls_and_bake_on_two_processes_resume_exactly(tmp_path):
     import torch.multiprocessing as mp
 
     from skd import losses

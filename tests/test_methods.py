@@ -589,11 +589,11 @@ C_SMALL = 7
 
 
 @pytest.mark.parametrize("upsample", ["none", "bilinear"])
-def test_zipfls_trains_as_the_official_loop(upsample):
+def test_zipf_ls_trains_as_the_official_loop(upsample):
     """pytorch_zipfls/train.py with ``--dense``: CE + λ·zipf_loss, the dense votes the argmax of
     the classifier at every location of the last map (×2 bilinear with ``--upsample``)."""
     from test_losses import _zipf_ref
-    cfg = get_method_config_class("zipfls")(name="zipfls", lam=0.1, dense_upsample=upsample)
+    cfg = get_method_config_class("zipf_ls")(name="zipf_ls", lam=0.1, dense_upsample=upsample)
 
     def official(model, batch):
         featmap = model.forward_features(batch["image"])
@@ -630,8 +630,8 @@ def test_bake_trains_as_the_official_loop():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("name", ["zipfls", "bake"])
-def test_zipfls_and_bake_train_a_vit(name):
+@pytest.mark.parametrize("name", ["zipf_ls", "bake"])
+def test_zipf_ls_and_bake_train_a_vit(name):
     """On a ViT the dense votes come from the patch tokens and BAKE's features from the
     pre-logits token; both train (gradients reach the patch embedding)."""
     model = timm.create_model("test_vit", num_classes=10)
@@ -644,7 +644,7 @@ def test_zipfls_and_bake_train_a_vit(name):
     out["loss"].backward()
     assert out["logits"].shape == (4, 10) and torch.isfinite(out["loss"])
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
-    if name == "zipfls":
+    if name == "zipf_ls":
         from skd.features import location_logits
         votes = losses.dense_votes(location_logits(model, model.forward_features(batch["image"])))
         assert torch.equal(votes.sum(1), torch.full((4,), float(model.patch_embed.num_patches)))

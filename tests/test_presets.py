@@ -197,13 +197,13 @@ def test_docs_list_every_preset():
         assert rel in named or any(rel.startswith(p + "_") for p in patterns), rel
 
 
-def test_zipfls_and_bake_presets_keep_the_official_settings():
+def test_zipf_ls_and_bake_presets_keep_the_official_settings():
     """Zipf's LS: the dense votes everywhere, upsampled ×2 for the ResNet-18 only (the official
     CIFAR DenseNet ignores --upsample); BAKE: one intra-class image per anchor, so a step sees
     twice data.batch_size images (512 on ImageNet), over the global batch."""
     for path in PRESETS:
         cfg = load_config(path)
-        if cfg.method.name == "zipfls":
+        if cfg.method.name == "zipf_ls":
             assert cfg.method.dense
             assert cfg.method.dense_upsample == ("bilinear" if "resnet18" in cfg.model.name else "none")
         if cfg.method.name == "bake":

@@ -293,8 +293,8 @@ def test_tensorboard_tags_are_grouped_and_a_resumed_run_writes_into_the_same_run
     assert [e.step for e in events.Scalars("val/top1")] == [23, 46]  # both starts, one run
 
 
-@pytest.mark.parametrize("method, extra", [("zipfls", ["method.dense_upsample=bilinear"]), ("bake", [])])
-def test_zipfls_and_bake_resume_exactly(tmp_path, one_thread, method, extra):
+@pytest.mark.parametrize("method, extra", [("zipf_ls", ["method.dense_upsample=bilinear"]), ("bake", [])])
+def test_zipf_ls_and_bake_resume_exactly(tmp_path, one_thread, method, extra):
     """An epoch of 12 steps, and the same run resumed from the checkpoint of step 8 (the two-process
     runs are in test_distributed.py)."""
     args = [*FAST, "data.img_size=8", "data.batch_size=128", "epochs=1", "checkpoint_every=4",

@@ -28,12 +28,12 @@ from skd.methods.base import DataSpec, Method, MethodConfig
 from skd.methods.registry import register_method
 
 
-@register_method("zipfls")
+@register_method("zipf_ls")
 class ZipfLS(Method):
 
     @dataclass
     class Config(MethodConfig):
-        name: str = "zipfls"
+        name: str = "zipf_ls"
         lam: float = bounded(1.0, ge=0)
         """λ, weight of the Zipf term (official ``--loss_lambda``: 1.0 by default and on
         TinyImageNet, 0.1 in the CIFAR-100 and ImageNet commands)."""
