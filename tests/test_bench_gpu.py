@@ -55,7 +55,8 @@ def test_smoke_run_writes_every_stage_and_goal(tmp_path):
     rows = stages["steps"]["rows"]
     large, small = data["meta"]["plan"]["large_model"], data["meta"]["plan"]["small_model"]
     eager = {(r["model"], r["method"], r["losses"]): r for r in rows if r["mode"] == "eager"}
-    expected = [(large, m) for m in LARGE_MODEL_METHODS] + [(small, "ce"), (small, "kd")]
+    expected = [(large, m) for m in LARGE_MODEL_METHODS] + [(small, "ce"), (small, "kd")] + [
+        (large, m) for m in ("dlb", "byot", "zipf_ls", "bake")]
     for model, method in expected:
         row = eager[(model, method, "kernels")]
         assert row["img_per_s"] > 0 and row["ratio_to_ce"] > 0 and row["loss_ms"] > 0

@@ -553,6 +553,20 @@ def test_bake_soft_targets_and_loss_match_official(temp, omega):
     _check(losses.bake_loss(z, targets, temp), [z], value, grads)
 
 
+@pytest.mark.parametrize("omega", [0.0, 0.5, 0.9, 0.99])
+def test_bake_soft_targets_in_float64_equal_the_official_inverse_without_host_reads(omega):
+    """The series summed by doubling is the official ``torch.inverse`` to float64 rounding, for
+    ω up to 0.99 (the slowest to converge), and reads nothing on the host (a solver would)."""
+    from torch.profiler import profile
+
+    feats, z = _logits(16, 5, scale=1.0, seed=4).detach().double(), _logits(16, C).detach().double()
+    with profile() as prof:
+        targets = losses.bake_soft_targets(feats, z, 4.0, omega)
+    assert not [e.key for e in prof.key_averages() if e.key in ("aten::_local_scalar_dense", "aten::item")]
+    assert targets.dtype == torch.float64
+    torch.testing.assert_close(targets, _knowledge_ensemble_ref(feats, z, 4.0, omega), rtol=1e-12, atol=1e-14)
+
+
 def test_bake_padded_rows_change_no_real_target():
     """Padded rows (zero features and logits) marked invalid give the real rows the targets of
     the batch without them, wherever they sit."""

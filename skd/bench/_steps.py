@@ -112,7 +112,8 @@ class TrainStep:
         self.parts.unwrapped.start_epoch(epoch, cfg.epochs)  # past epoch 0: PS-KD's α > 0, its memory is read
         self.parts.scheduler.step(epoch)
         loader_options = get_method_class(spec.method).train_loader_options(cfg.method)
-        self.batch = synthetic_batch(sizes, accelerator.device, with_partner="with_partner" in loader_options)
+        self.batch = synthetic_batch(sizes, accelerator.device, with_partner="with_partner" in loader_options,
+                                     repeat_previous="repeat_previous" in loader_options)
         self.meter, self.epoch_meter, self.step = LossMeter(), LossMeter(), 0
         self.last: dict[str, Any] = {}
 
@@ -164,10 +165,12 @@ class TrainStep:
         self.accelerator.free_memory()
 
 
-def synthetic_batch(sizes: StepSizes, device: torch.device, *, with_partner: bool) -> Batch:
+def synthetic_batch(sizes: StepSizes, device: torch.device, *, with_partner: bool = False,
+                    repeat_previous: bool = False) -> Batch:
     """A batch as the loader delivers it after ``Trainer._to_device``: normalised fp32 images in
-    channels_last, int64 labels and sample indices (distinct, as in an epoch), and for CS-KD a
-    partner image per anchor."""
+    channels_last, int64 labels and sample indices (distinct, as in an epoch); for CS-KD (and
+    BAKE's intra-class images) a partner image per anchor; for DLB the previous batch's samples
+    augmented anew, which, as the benchmark feeds the same batch every step, are its own."""
     gen = torch.Generator(device=device).manual_seed(0)
     B, S = sizes.batch_size, sizes.img_size
 
@@ -181,6 +184,8 @@ def synthetic_batch(sizes: StepSizes, device: torch.device, *, with_partner: boo
     if with_partner:
         batch["partner"] = images()
         batch["partner_index"] = torch.randperm(sizes.num_samples, device=device, generator=gen)[:B]
+    if repeat_previous:
+        batch.update(repeat=images(), repeat_label=batch["label"].clone(), repeat_index=batch["index"].clone())
     return batch
 
 

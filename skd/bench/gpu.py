@@ -112,7 +112,8 @@ class Plan:
         return [StepSpec(self.large_model, m) for m in methods] + [
                 StepSpec(self.large_model, "pskd", options=o) for o in memories] + [
                 StepSpec(self.small_model, "ce"),
-                        StepSpec(self.small_model, "kd", teacher=self.teacher_model)]
+                        StepSpec(self.small_model, "kd", teacher=self.teacher_model)] + [
+                StepSpec(self.large_model, m) for m in ("dlb", "byot", "zipf_ls", "bake")]
 
 
 def _kernel_cases(shapes: list[tuple[int, int]], first: list[tuple[int, int]],

@@ -6,7 +6,7 @@ tempered predictions propagated between samples by the similarity of their poole
 
 Over the **global** batch, as the official ImageNet code (``TRAIN.GLOBAL_KE``): every rank
 all-gathers the features and logits of every rank's batch (padded to the per-rank capacity, so
-short batches work), solves the propagation over all of them and keeps its own rows; gradients
+short batches work), propagates over all of them and keeps its own rows; gradients
 flow only through this rank's logits. The targets are the same whatever the number of processes
 the global batch is split over.
 
