@@ -118,8 +118,11 @@ class Trainer:
         self.best: dict[str, Any] | None = None  # {"epoch", "metrics"} of the best epoch so far
         self.predictions: Predictions | None = None  # the model's, from the latest evaluation
         self.loss_watch = _LossWatch(cfg.divergence_factor, report=acc.is_main_process)
-        self.epoch_meter = LossMeter()  # the epoch's loss sums (kept by mid-epoch checkpoints)
-        self._epoch_meter_restored = False
+        # The epoch's loss sums and corrupt-sample count, kept by mid-epoch checkpoints.
+        self.epoch_meter = LossMeter()
+        self._corrupt_before = 0  # the loader's count when this process started the epoch
+        self._corrupt_carried = 0  # the epoch's corrupt samples skipped before a resume
+        self._epoch_restored = False
         self._bn_synced_at = -1  # the step at which BatchNorm statistics were last made equal
         self._resume_path = resume_path
         self._stop_signal: int | None = None
@@ -252,9 +255,9 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         self._corrupt_before = self.train_loader.num_corrupt
         start, num_batches = self.train_loader.state_dict()["batches"], len(self.train_loader)
-        if not self._epoch_meter_restored:  # a new epoch (a resume within one restored its sums)
-            self.epoch_meter = LossMeter()
-        self._epoch_meter_restored = False
+        if not self._epoch_restored:  # a new epoch (a resume within one restored its sums)
+            self.epoch_meter, self._corrupt_carried = LossMeter(), 0
+        self._epoch_restored = False
         progress = _Progress(acc, num_batches, start, epoch)
         batches = self._device_batches(epoch, start)
         accum = cfg.grad_accum_steps
@@ -382,10 +385,10 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite values in {bad or 'the state of another process'} after "
                                 f"optimizer step {self.step}; stopping without saving them. "
                                 f"{self._last_checkpoint_note()}")
-        # Every rank's generators and mid-epoch loss sums, so each resumes its own.
+        # Every rank's generators, mid-epoch loss sums and corrupt-sample count, so each resumes its own.
         meter = self.epoch_meter.state()
         meter["sums"] = _cpu(meter["sums"])
-        gathered = gather_object([{"rng": rng_state(), "epoch_meter": meter}])
+        gathered = gather_object([{"rng": rng_state(), "epoch_meter": meter, "corrupt": self._corrupt_in_epoch()}])
         path = checkpoint_path(self.run_dir, self.step)
         # Parts first, on every rank, then the main file: it appears only when all parts exist.
         # A failed write on any rank stops every rank (no rank is left waiting).
@@ -395,6 +398,7 @@ class Trainer:
             state["rank_parts"] = acc.num_processes
         state["rng"] = [g["rng"] for g in gathered]
         state["epoch_meters"] = [g["epoch_meter"] for g in gathered]
+        state["epoch_corrupt"] = [g["corrupt"] for g in gathered]
         self._on_all_ranks_or_none(lambda: save_checkpoint(state, path, self.cfg.keep_checkpoints)
                                    if acc.is_main_process else None)
         if good:
@@ -451,7 +455,7 @@ class Trainer:
         self.best = state.get("best")
         self.loss_watch.load_state(state.get("loss_watch"))
         self.train_loader.load_state_dict(state["loader"])
-        self._restore_epoch_meter(state)
+        self._restore_epoch_sums(state)
         if (self.best is not None and self.best["epoch"] == self.epoch - 1 and state["loader"]["batches"] == 0
                 and path.parent == checkpoint_path(self.run_dir, 0).parent):
             # This checkpoint is the best epoch's: a kill right after saving it may have kept
@@ -466,19 +470,23 @@ class Trainer:
         # continued, see ShardLoader.load_state_dict; dropout and the like draw new streams).
         return rngs[self.accelerator.process_index] if len(rngs) == self.accelerator.num_processes else None
 
-    def _restore_epoch_meter(self, state: dict[str, Any]) -> None:
-        """The loss sums of the epoch so far, so the epoch's mean covers its batches before the
-        resume too. Each process continues its own; on another number of processes, each starts
-        from an equal share of the total (its mean is then that of the whole epoch, weighted as
-        close as the new layout allows)."""
+    def _restore_epoch_sums(self, state: dict[str, Any]) -> None:
+        """The loss sums and corrupt-sample count of the epoch so far, so the epoch's mean and
+        count (and the ``data.max_corrupt_fraction`` bound) cover its batches before the resume
+        too. Each process continues its own; on another number of processes, each starts from an
+        equal share of the loss sums (its mean is then that of the whole epoch, weighted as close
+        as the new layout allows) and the main process carries the whole count."""
         meters = state.get("epoch_meters")
         if not meters or state["loader"]["batches"] == 0:
             return
         acc = self.accelerator
-        self._epoch_meter_restored = True
+        self._epoch_restored = True
+        corrupt = state.get("epoch_corrupt") or [0] * len(meters)
         if len(meters) == acc.num_processes:
+            self._corrupt_carried = corrupt[acc.process_index]
             self.epoch_meter.load_state(meters[acc.process_index], acc.device)
             return
+        self._corrupt_carried = sum(corrupt) if acc.is_main_process else 0
         names = set().union(*(m["sums"] for m in meters))
         self.epoch_meter.load_state({
             "sums": {n: sum(m["sums"][n] for m in meters if n in m["sums"]) / acc.num_processes for n in names},
@@ -554,7 +562,8 @@ class Trainer:
         return self.loss_watch.advice(latest_checkpoint(self.run_dir), self.run_dir)
 
     def _corrupt_in_epoch(self) -> int:
-        return self.train_loader.num_corrupt - self._corrupt_before
+        """This process's corrupt samples skipped in the epoch so far, before a resume included."""
+        return self.train_loader.num_corrupt - self._corrupt_before + self._corrupt_carried
 
     def _sum_over_ranks(self, value: int) -> int:
         total = self.accelerator.reduce(torch.tensor([value], device=self.accelerator.device), "sum")

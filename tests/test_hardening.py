@@ -376,8 +376,35 @@ def test_an_epoch_resumed_on_other_processes_keeps_the_loss_sums_of_its_first_pa
     trainer.train_loader = _ListLoader(batches, trainer.train_loader.info)
     saved = [{"sums": {"loss": torch.tensor(6.0)}, "count": 3, "images": 24},
              {"sums": {"loss": torch.tensor(9.0)}, "count": 3, "images": 24}]
-    trainer._restore_epoch_meter({"epoch_meters": saved, "loader": {"epoch": 0, "batches": 3}})
+    trainer._restore_epoch_sums({"epoch_meters": saved, "epoch_corrupt": [2, 1], "loader": {"epoch": 0, "batches": 3}})
     stats = trainer.train_one_epoch(0)
     assert trainer.epoch_meter.count == 6 + 3  # both ranks' 3 micro-batches, then 3 more here
     new = trainer.epoch_meter.sums["loss"].item() - 15.0
     assert stats["loss"] == pytest.approx((15.0 + new) / 9)
+    assert stats["corrupt_samples"] == 3  # both ranks' corrupt samples skipped before the resume
+
+
+def test_an_epoch_resumed_mid_way_keeps_its_corrupt_sample_count(tmp_path, capsys):
+    """A run stopped mid-epoch (max_steps) and resumed reports the epoch's corrupt samples of both
+    parts, as the uninterrupted run does, and bounds them together."""
+    shards = write_shards(tmp_path / "shards", [20, 20], corrupt={3, 13, 23, 33})
+    val = write_shards(tmp_path / "val", [20])
+    data = [f"data.train={shards}", f"data.val={val}", "data.img_size=16", "data.train_crop=pad_crop",
+            "data.crop_pct=1.0", "data.batch_size=5", "epochs=1", "data.max_corrupt_fraction=0.2"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert train_main(FAST + data + [f"output_dir={whole}"]) == 0
+    assert train_main(FAST + data + ["max_steps=3", f"output_dir={split}"]) == 0
+    (checkpoint,) = list_checkpoints(split)
+    before = load_checkpoint(checkpoint)["epoch_corrupt"]
+    assert 0 < sum(before) < 4, "the stop must fall between corrupt samples for this test to mean anything"
+    assert train_main(FAST + data + ["max_steps=0", "resume=auto", "resume_allow_changes=[max_steps]",
+                                     f"output_dir={split}"]) == 0
+    counts = [json.loads((run / "history.jsonl").read_text())["train_corrupt_samples"] for run in (whole, split)]
+    assert counts == [4, 4]
+    # The bound counts the samples skipped before the resume too: 4 of 40 is above 8 %.
+    capsys.readouterr()
+    strict = data[:-1] + ["data.max_corrupt_fraction=0.08"]
+    assert train_main(FAST + strict + ["max_steps=3", f"output_dir={tmp_path}/strict"]) == 0
+    assert train_main(FAST + strict + ["max_steps=0", "resume=auto", "resume_allow_changes=[max_steps]",
+                                       f"output_dir={tmp_path}/strict"]) == 2
+    assert "4 corrupt training samples skipped so far in epoch 0" in _error_line(capsys)
