@@ -36,7 +36,7 @@ from matplotlib.lines import Line2D
 
 from skd.config import config_to_dict, load_config, load_yaml
 from skd.errors import SkdError
-from skd.report import _digits, _figure, _legend_below, _mean, _std, format_number
+from skd.report import _digits, _figure, _legend_below, _mean, _std, format_number, report_folder
 from skd.resume import config_differences
 from skd.sweep.runs import SWEEP_FILE, Sweep
 from skd.tables import Cell, Table, list_tables, metric_label
@@ -315,13 +315,7 @@ def paper_figure(results: list[CellResult]) -> Figure:
 def write_paper_report(paths: list[str | Path], out: str | Path | None = None, metric: str | None = None) -> Path:
     """Write ``paper.md``, ``paper.csv`` and a figure per table into ``out`` (default: the single
     path's ``report/``); returns the path of ``paper.md``."""
-    if not paths:
-        raise PaperReportError("no run or sweep folder given")
-    if out is None:
-        if len(paths) > 1:
-            raise PaperReportError("--out DIR is required when reporting several folders")
-        out = Path(paths[0]) / "report"
-    out = Path(out)
+    out = report_folder(paths, out, PaperReportError)
     tables, strays = paper_results(find_runs(paths), metric)
     if not tables:
         raise PaperReportError(f"none of the runs under {', '.join(map(str, paths))} belongs to a table "

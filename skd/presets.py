@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from skd.columns import align_columns
 from skd.config import load_yaml
 from skd.errors import ConfigError, MissingFileError, run_command
 
@@ -159,8 +160,7 @@ def format_presets(presets: list[Preset]) -> str:
     """One line per preset: name, table, row, column and the paper's number."""
     head = ("preset", "table", "row", "column", "paper")
     lines = [(p.name, p.table_id or "-", p.row or "-", p.column or "-", _paper_number(p)) for p in presets]
-    widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *lines])
+    return "\n".join(align_columns(head, lines))
 
 
 def main(argv: list[str] | None = None) -> int:

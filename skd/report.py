@@ -551,17 +551,23 @@ def _file_name(i: int, run: Run) -> str:
     return f"reliability-{i:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', run.path.name)}.png"
 
 
+def report_folder(paths: list[str | Path], out: str | Path | None, error: type[SkdError]) -> Path:
+    """Where a report of ``paths`` goes: ``out``, or the single path's ``report/``; ``error``
+    when no path is given, or several without ``out``."""
+    if not paths:
+        raise error("no run or sweep folder given")
+    if out is None:
+        if len(paths) > 1:
+            raise error("--out DIR is required when reporting several folders")
+        out = Path(paths[0]) / "report"
+    return Path(out)
+
+
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None,
                  group_by: str | None = None) -> Path:
     """Write the table (``results.md``, ``results.csv``), the figures and ``index.md`` into
     ``out`` (default ``RUN_DIR/report`` for a single run); returns the path of ``index.md``."""
-    if not run_dirs:
-        raise ReportError("no run directory given")
-    if out is None:
-        if len(run_dirs) > 1:
-            raise ReportError("--out DIR is required when reporting several runs")
-        out = Path(run_dirs[0]) / "report"
-    out = Path(out)
+    out = report_folder(run_dirs, out, ReportError)
     runs = load_runs(run_dirs)
     groups = group_runs(runs, group_by)
     out.mkdir(parents=True, exist_ok=True)

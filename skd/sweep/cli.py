@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+from skd.columns import align_columns
 from skd.errors import run_command
 from skd.sweep.runs import Sweep, SweepError, format_status
 
@@ -37,9 +38,7 @@ def format_tables() -> str:
         total[0], total[1] = total[0] + len(cells), total[1] + covered
         rows.append((table.table_id, f"{len(table.rows)}x{len(table.columns)}={len(cells)}", str(covered),
                      str(len(cells) - covered), table.title))
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
-    return "\n".join(lines + [f"{len(rows)} tables, {total[0]} cells, {total[1]} with a preset; "
+    return "\n".join(align_columns(head, rows) + [f"{len(rows)} tables, {total[0]} cells, {total[1]} with a preset; "
                               f"{len(list_presets())} presets (`skd presets --table TABLE` lists them)"])
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from skd.columns import align_columns
 from skd.errors import MissingFileError, SkdError
 
 __all__ = ["SWEEP_FILE", "STATE_FILE", "CONFIG_FILE", "LOG_FILE", "SweepError", "PlannedRun", "Sweep",
@@ -248,8 +249,6 @@ def format_status(sweep: Sweep, runs: list[PlannedRun] | None = None) -> str:
                              and s.exit_status is not None else "")
         rows.append((run.preset, str(run.seed), cell, status, f"{s.epochs_done}/{run.epochs}",
                      "" if s.top1 is None else f"{s.top1:.2f}", _age(s.updated), s.where))
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
     order = ("done", "running", "queued", "stopped", "failed", "pending")
     summary = ", ".join(f"{counts[k]} {k}" for k in order if k in counts)
-    return "\n".join(lines + [f"{len(runs)} runs: {summary or 'none'}"])
+    return "\n".join(align_columns(head, rows) + [f"{len(runs)} runs: {summary or 'none'}"])
