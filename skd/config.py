@@ -284,7 +284,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.resume != "auto" or bool(self.output_dir), "resume", self.resume,
                "needs output_dir: the run directory to continue (without one, every run gets a new one)")
-        keys = flat_dict(config_to_dict(self))
+        keys = flat_fields(config_to_dict(self))  # as config_differences compares them
         for key in self.resume_allow_changes:
             if not any(in_sections(k, [key]) for k in keys):
                 _check(False, "resume_allow_changes", self.resume_allow_changes,

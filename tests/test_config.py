@@ -126,3 +126,18 @@ def test_skd_config_prints_yaml_that_resolves_to_the_same_config(tmp_path, capsy
     assert load_config(resolved) == load_config(preset, args[2:])
     assert skd_main(["config", "data.bach_size=3"]) == 2
     assert "did you mean 'data.batch_size'" in capsys.readouterr().err
+
+
+def test_resume_allow_changes_takes_the_keys_the_resume_check_compares():
+    """``model.kwargs`` is one key to the resume check (an empty one included): it can be allowed
+    to change, and lets the resume through; a key inside it is not a config key."""
+    from skd.config import config_to_dict
+    from skd.resume import check_resume_config
+
+    old = load_config(None, ["model.kwargs={drop_rate: 0.1}"])
+    new = load_config(None, ["resume_allow_changes=[model.kwargs]"])
+    check_resume_config({"config": config_to_dict(old)}, new)  # allowed: no error
+    with pytest.raises(ConfigError, match=r"resume: the config differs .* model.kwargs"):
+        check_resume_config({"config": config_to_dict(old)}, load_config(None, []))
+    with pytest.raises(ConfigError, match="'model.kwargs.drop_rate' is not a config key"):
+        load_config(None, ["model.kwargs={drop_rate: 0.2}", "resume_allow_changes=[model.kwargs.drop_rate]"])
