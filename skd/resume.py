@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from skd.checkpoint import (CHECKPOINT_DIR, SUPERSEDED_DIR, list_checkpoints, load_checkpoint, read_field,
-                            read_run_id, set_aside)
+from skd.checkpoint import (BEST_NAME, CHECKPOINT_DIR, LAST_GOOD_NAME, SUPERSEDED_DIR, checkpoint_step, keep_as,
+                            list_checkpoints, load_checkpoint, read_field, read_run_id, set_aside)
 from skd.config import TrainConfig, config_to_dict, flat_fields, in_sections
 from skd.errors import CheckpointError, CheckpointUnreadable, ConfigError
 
@@ -111,14 +111,29 @@ def select_checkpoint(run_dir: Path, resume: str) -> tuple[Path | None, dict[str
 def set_aside_newer(run_dir: Path, state: dict[str, Any]) -> list[Path]:
     """A run gone back to an older checkpoint of its own (``resume=PATH``, e.g. ``last_good.pt``
     after a divergence): move its newer checkpoints into ``checkpoints/superseded/``, so neither
-    ``resume=auto`` nor pruning takes them for the run's newest. Main process, after the config
-    check; returns where they went."""
-    newer = [p for p in list_checkpoints(run_dir)
-             if read_run_id(p) == state.get("run_id") and (read_field(p, "step") or 0) > state["step"]]
+    ``resume=auto`` nor pruning takes them for the run's newest, and so do ``best.pt`` and
+    ``last_good.pt`` when they are newer. ``best.pt`` then goes back to the checkpoint of the
+    resumed run's best epoch; if that one was pruned, ``state["best"]`` is cleared (best-epoch
+    tracking starts again) rather than naming weights the run no longer has. Main process, after
+    ``select_checkpoint`` (every checkpoint in ``run_dir`` is this run's); returns where they went."""
+    folder = run_dir / CHECKPOINT_DIR
+    newer = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) > state["step"]]
+    newer += [folder / name for name in (BEST_NAME, LAST_GOOD_NAME)
+              if (folder / name).is_file() and (read_field(folder / name, "step") or 0) > state["step"]]
     moved = [set_aside(p, SUPERSEDED_DIR) for p in newer]
     if moved:
         _log.warning("resuming from step %d: moved the run's %d newer checkpoints (%s) to %s", state["step"],
                      len(moved), ", ".join(p.name for p in moved), moved[0].parent)
+    if folder / BEST_NAME in newer and state.get("best") is not None:
+        # The resumed state's best epoch ended with a checkpoint whose loader starts the next epoch.
+        want = {"epoch": state["best"]["epoch"] + 1, "batches": 0}
+        found = [p for p in list_checkpoints(run_dir) if read_field(p, "loader") == want]
+        if found:
+            keep_as(found[-1], BEST_NAME)
+        else:
+            _log.warning("the checkpoint of the best epoch so far (epoch %d) was pruned: the best epoch is "
+                         "chosen again from the epochs trained from here", state["best"]["epoch"])
+            state["best"] = None
     return moved
 
 

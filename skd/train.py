@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from skd.batch import Batch
 from skd.checkpoint import (BEST_NAME, CHECKPOINT_FORMAT, LAST_GOOD_NAME, CheckpointWriteError, best_checkpoint,
-                            checkpoint_path, keep_as, latest_checkpoint, load_checkpoint, load_parts, read_field,
-                            rng_state, save_checkpoint, save_part, set_rng_state)
+                            checkpoint_path, checkpoint_step, keep_as, latest_checkpoint, load_checkpoint, load_parts,
+                            read_field, rng_state, save_checkpoint, save_part, set_rng_state)
 from skd.config import ConfigError, TrainConfig, config_to_dict, flat_dict, load_config, save_config
 from skd.config_docs import format_config_keys, format_defaults_note
 from skd.data import CorruptDataError, DatasetInfo, resolve_shard_dir
@@ -670,7 +670,7 @@ class _LossWatch:
         good = run_dir / "checkpoints" / LAST_GOOD_NAME
         text = f"The newest checkpoint, {newest}, is intact."
         good_step = read_field(good, "step") if self.factor and good.is_file() else None
-        if good_step is not None and good_step != read_field(newest, "step"):
+        if good_step is not None and good_step != checkpoint_step(newest):
             bound = (f" ({self.factor * self.reference:.4g})" if self.reference is not None else "")
             text += (f" The newest one written while the training loss stayed below divergence_factor="
                      f"{self.factor:g} × the first logged loss{bound} is {good} (optimizer step "

@@ -5,10 +5,13 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 
-from skd.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, latest_checkpoint, list_checkpoints,
-                            load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from skd.checkpoint import (BEST_NAME, CHECKPOINT_FORMAT, LAST_GOOD_NAME, checkpoint_path, keep_as,
+                            latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                            set_rng_state)
+from skd.resume import set_aside_newer
 
 SKD = {"format": CHECKPOINT_FORMAT}
 
@@ -55,3 +58,30 @@ def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_going_back_sets_aside_a_newer_best_and_last_good_and_relinks_best(tmp_path, pruned):
+    """Resumed from step 20 of a run whose best.pt and last_good.pt are the step-30 checkpoint:
+    both are set aside with it, and best.pt goes back to the checkpoint of the resumed state's best
+    epoch; if that one was pruned, the state's best is cleared instead of naming lost weights."""
+    for epoch, step in enumerate((10, 20, 30), start=1):
+        save_checkpoint({**SKD, "step": step, "loader": {"epoch": epoch, "batches": 0}},
+                        checkpoint_path(tmp_path, step), keep=0)
+    keep_as(checkpoint_path(tmp_path, 30), BEST_NAME)
+    keep_as(checkpoint_path(tmp_path, 30), LAST_GOOD_NAME)
+    if pruned:
+        checkpoint_path(tmp_path, 10).unlink()
+    state = {"step": 20, "best": {"epoch": 0, "metrics": {}}}
+    moved = set_aside_newer(tmp_path, state)
+    assert sorted(p.name for p in moved) == [BEST_NAME, LAST_GOOD_NAME, "step-000000030.pt"]
+    folder = tmp_path / "checkpoints"
+    assert not (folder / LAST_GOOD_NAME).exists()
+    if pruned:
+        assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000020.pt"]
+        assert state["best"] is None and not (folder / BEST_NAME).exists()
+    else:
+        assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000010.pt", "step-000000020.pt"]
+        assert state["best"] == {"epoch": 0, "metrics": {}}
+        assert load_checkpoint(folder / BEST_NAME)["step"] == 10
