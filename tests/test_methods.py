@@ -657,3 +657,13 @@ def test_a_teacher_statistic_that_is_not_three_values_is_a_config_error():
         load_config(None, ["method.name=kd", "method.teacher_mean=[1, 2]"])
     with pytest.raises(ConfigError, match=r"'method.teacher_std' .* all positive"):
         load_config(None, ["method.name=kd", "method.teacher_std=[0.5, 0, 0.5]"])
+
+
+def test_teacher_statistics_are_checked_for_every_teacher_method():
+    """The rule sits on the field: a method whose config has checks of its own (SP) keeps it."""
+    from skd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'method.teacher_std' .* all positive"):
+        load_config(None, ["method.name=sp", "method.teacher_std=[0.5, 0, 0.5]"])
+    with pytest.raises(ConfigError, match=r"'method.teacher_mean' = \[1.0\]: must hold 3 values"):
+        load_config(None, ["method.name=sp", "method.teacher_mean=[1]"])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skd import losses
-from skd.config_checks import bounded, one_of
+from skd.config_checks import bounded, one_of, per_channel
 from skd.convert import CHECKPOINT_FORMATS
 from skd.errors import ConfigError
 from skd.methods.base import DataSpec, Method, MethodConfig
@@ -34,23 +34,16 @@ class TeacherConfig(MethodConfig):
     teacher_format: str = one_of("timm", CHECKPOINT_FORMATS)
     """Parameter names in ``teacher_checkpoint``: ``timm``, or ``mmcls`` (mmcls / mmpretrain
     ``backbone.*``/``head.*`` checkpoints, renamed while loading; see ``skd convert mmcls``)."""
-    teacher_mean: list[float] | None = None
+    teacher_mean: list[float] | None = per_channel(None)
     """Per-channel mean the teacher was trained with. Empty: what ``teacher_checkpoint`` records
     (skd's exports and checkpoints do), else the teacher architecture's timm ``pretrained_cfg``
     (timm's and mmcls's ImageNet weights, RepDistiller's CIFAR nets). The student's images are
     renormalised to it; nothing is done when it equals the student's ``data.mean``/``data.std``."""
-    teacher_std: list[float] | None = None
+    teacher_std: list[float] | None = per_channel(None, positive=True)
     """Per-channel standard deviation the teacher was trained with; empty: as ``teacher_mean``."""
     teacher_img_size: int = bounded(0, ge=0)
     """Input resolution of the teacher; 0: as ``teacher_mean`` says where its statistics come
     from. The images are resized (bilinear, antialiased) when it differs from ``data.img_size``."""
-
-    def __post_init__(self) -> None:
-        for key in ("teacher_mean", "teacher_std"):
-            value = getattr(self, key)
-            if value is not None and (len(value) != 3 or (key == "teacher_std" and min(value) <= 0)):
-                raise ConfigError(f"config key 'method.{key}' = {value!r}: must hold 3 values (RGB)"
-                                  + (", all positive" if key == "teacher_std" else ""))
 
 
 def create_teacher(cfg: TeacherConfig, student: nn.Module, num_classes: int) -> nn.Module:
