@@ -21,6 +21,7 @@ from typing import Any
 from skd.checkpoint import (BEST_NAME, CHECKPOINT_DIR, LAST_GOOD_NAME, SUPERSEDED_DIR, checkpoint_step, keep_as,
                             list_checkpoints, load_checkpoint, read_field, read_run_id, set_aside)
 from skd.config import TrainConfig, config_to_dict, flat_fields, in_sections
+from skd.config_gates import applies
 from skd.errors import CheckpointError, CheckpointUnreadable, ConfigError
 
 __all__ = ["check_output_dir", "select_checkpoint", "check_resume_config", "config_differences",
@@ -141,12 +142,15 @@ def config_differences(old: dict[str, Any], new: dict[str, Any],
                        allowed: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """``(key, old value, new value)`` for every key in which the config dicts ``old`` and
     ``new`` define different experiments: ``OPERATIONAL_KEYS`` and ``allowed`` (keys or sections)
-    may differ. A key on one side only is a difference inside ``method`` (another method's
-    fields); elsewhere it is a config key this version added or dropped since ``old`` was written."""
+    may differ, and so may a key that applies to neither config (``skd.config_gates``: e.g.
+    ``optim.momentum`` of two AdamW runs). A key on one side only is a difference inside ``method``
+    (another method's fields); elsewhere it is a config key this version added or dropped since
+    ``old`` was written."""
     old, new = flat_fields(old), flat_fields(new)
     keys = sorted((old.keys() & new.keys()) | {k for k in old.keys() ^ new.keys() if k.startswith("method.")})
     return [(key, old.get(key, _ABSENT), new.get(key, _ABSENT)) for key in keys
-            if old.get(key, _ABSENT) != new.get(key, _ABSENT) and not in_sections(key, OPERATIONAL_KEYS + allowed)]
+            if old.get(key, _ABSENT) != new.get(key, _ABSENT) and not in_sections(key, OPERATIONAL_KEYS + allowed)
+            and (applies(key, old) or applies(key, new))]
 
 
 def check_resume_config(state: dict[str, Any], cfg: TrainConfig) -> None:

@@ -175,3 +175,17 @@ def test_options_that_do_not_go_together_are_refused(tmp_path, capsys, extra):
     assert ("--group-by does not apply with --paper" if "--paper" in extra else "--metric applies only with --paper") \
         in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_that_differ_only_in_a_key_that_applies_to_neither_are_one_experiment(tmp_path):
+    """Two AdamW runs with another optim.momentum (which AdamW never reads) are one cell, as
+    ``skd report --group-by seed`` groups them, and the key is no ‡ difference from the preset."""
+    runs = tmp_path / "runs"
+    for seed, momentum in ((0, 0.9), (1, 0.5)):
+        run = _run(runs, "imagenet/resnet152_ce", seed, 70.0)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["optim"].update(opt="adamw", momentum=momentum)
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (results,), _ = paper_results(find_runs([runs]))
+    cell = next(r for r in results if r.n)
+    assert cell.n == 2 and not any("momentum" in d for d in cell.differs)
