@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from skd.presets import get_preset, list_presets
 from skd.report import main as report_main
 from skd.sweep.cli import main as sweep_main
 from skd.sweep.plan import SweepRequest, plan_sweep
-from skd.sweep.runs import CONFIG_FILE, STATE_FILE, Sweep, read_status
+from skd.sweep.runs import CONFIG_FILE, STATE_FILE, Sweep, SweepError, read_status
 from skd.sweep.slurm import _PER_NODE, task_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -371,3 +372,15 @@ def test_a_signal_to_the_sweep_reaches_each_run_once(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is handler
     assert [(r.path(out) / "terms").read_text() for r in runs[:2]] == ["TERM\n", "TERM\n"]
     assert [read_status(r.path(out)).status for r in runs] == ["stopped", "stopped", "pending"]
+
+
+def test_a_run_folder_with_an_empty_or_damaged_config_is_refused_by_name(tmp_path):
+    """An empty config.yaml is not 'never trained': the plan stops, naming the file."""
+    request = SweepRequest(["digits/resnet8_ce"], [0], [], {}, {})
+    _, runs, _ = plan_sweep(tmp_path, request)
+    config = runs[0].path(tmp_path) / "config.yaml"
+    config.parent.mkdir(parents=True)
+    for text in ("", "[1, 2]\n", "a: [\n"):
+        config.write_text(text)
+        with pytest.raises(SweepError, match=rf"config file {re.escape(str(config))} .*; move that run folder away"):
+            plan_sweep(tmp_path, request)

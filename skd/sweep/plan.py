@@ -21,9 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from skd.config import config_to_dict, load_config
+from skd.config import ConfigError, config_to_dict, load_config, load_yaml
+from skd.errors import one_line
 from skd.methods import get_method_class
 from skd.methods.teacher import TeacherMethod
 from skd.presets import Preset, find_presets
@@ -109,9 +108,9 @@ def _trained_config(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path} is damaged ({e}); move that run folder away") from None
+        return load_yaml(path)
+    except ConfigError as e:  # empty, not YAML, not a mapping: never a run of this plan
+        raise SweepError(f"{one_line(e)}; move that run folder away") from None
 
 
 def plan_sweep(root: str | Path, request: SweepRequest, *, command: list[str] | None = None,
