@@ -178,6 +178,13 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert loader.num_corrupt >= 2  # the anchors 5 and 11; a pair whose partner failed as well
     assert all(len(b["partner"]) == len(b["image"]) == len(b["index"]) for b in batches)
     assert not {5, 11} & (set(cat(batches, "index").tolist()) | set(cat(batches, "partner_index").tolist()))
+    # DLB: a repeated sample that does not decode is dropped from the repeat as from its own batch.
+    loader, batches = epoch(cfg, tmp_path, train=True, batch_size=4, repeat_previous=True)
+    # Both corrupt samples sit in batches that the next one repeats (11 is found by DALI only).
+    assert sum(len(b["index"]) for b in batches[:-1]) == 4 * (len(batches) - 1) - 2
+    for before, after in zip(batches, batches[1:]):
+        assert torch.equal(after["repeat_index"], before["index"])
+        assert len(after["repeat"]) == len(after["repeat_label"]) == len(after["repeat_index"])
 
 
 # --------------------------------------------------------------------------------- errors

@@ -470,10 +470,14 @@ class DaliLoader:
         if "repeat" in batch:
             # A repeated sample that does not decode was counted when its own batch dropped it.
             first = 2 * n if with_partner else n
-            repeated = torch.as_tensor(ok[first:])
-            out["repeat"] = images[torch.as_tensor(rows[first:][ok[first:]])]
-            out["repeat_label"] = batch["repeat_label"][repeated]
-            out["repeat_index"] = batch["repeat_index"][repeated]
+            repeated = ok[first:]
+            if repeated.all():  # the usual case: the last rows, a view (no gather, no index upload)
+                out["repeat"] = images[int(ok[:first].sum()):]
+                out["repeat_label"], out["repeat_index"] = batch["repeat_label"], batch["repeat_index"]
+            else:
+                out["repeat"] = images[torch.as_tensor(rows[first:][repeated], device=images.device)]
+                out["repeat_label"] = batch["repeat_label"][torch.as_tensor(repeated)]
+                out["repeat_index"] = batch["repeat_index"][torch.as_tensor(repeated)]
         if keep.all():
             out["image"] = images[:n]
             if with_partner:
