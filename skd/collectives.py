@@ -45,9 +45,9 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
 def all_gather_padded(x: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's rows ``x`` (``[n_r, ...]``, ``n_r <= capacity``, same trailing shape), each
     padded with zeros to ``capacity`` rows and concatenated in rank order: ``[W·capacity, ...]``,
-    with the bool mask ``[W·capacity]`` of the real rows. Rank r's rows start at ``r·capacity``."""
-    rows = all_gather(pad_rows(x, capacity))
-    # The row count as a device tensor (torch.full launches a fill, no host-to-device copy).
-    counts = all_gather(torch.full((1,), x.shape[0], dtype=torch.int64, device=x.device))
-    valid = torch.arange(capacity, device=x.device)[None, :] < counts[:, None]
-    return rows, valid.reshape(-1)
+    with the bool mask ``[W·capacity]`` of the real rows. Rank r's rows start at ``r·capacity``.
+    One collective: each row travels with a flag (1 on real rows, 0 on padding)."""
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    gathered = all_gather(pad_rows(torch.cat([flat, flat.new_ones(n, 1)], dim=1), capacity))
+    return gathered[:, :-1].reshape(-1, *x.shape[1:]), gathered[:, -1] != 0
