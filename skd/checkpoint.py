@@ -238,10 +238,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load an skd checkpoint onto the CPU (tensors and plain containers only). A missing file is a
-    ``MissingFileError``; a damaged one, or any other file, a ``CheckpointError`` naming it."""
-    state = read_torch_file(path, "checkpoint", _EXPECTED)
+def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Load an skd checkpoint onto the CPU (tensors and plain containers only; ``mmap``: tensors
+    memory-mapped, read only where used, e.g. the weights without the optimizer state and PS-KD
+    memory). A missing file is a ``MissingFileError``; a damaged one, or any other file, a
+    ``CheckpointError`` naming it."""
+    state = read_torch_file(path, "checkpoint", _EXPECTED, mmap=mmap)
     found = state.get("format") if isinstance(state, dict) else None
     if isinstance(found, str) and found.startswith("skd-checkpoint-") and found not in FORMATS:
         raise CheckpointUnreadable(f"checkpoint {path} was written by another version of skd (format {found!r}); "

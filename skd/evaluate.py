@@ -203,5 +203,5 @@ def _read_target(target: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor],
             raise MissingFileError(f"{config} is missing: exported weights ({target.name}) are evaluated "
                                    f"with the config.yaml of their run beside them")
         return load_yaml(config), load_state_dict_file(target, "exported model"), str(target)
-    state = load_checkpoint(target)
+    state = load_checkpoint(target, mmap=True)  # only the model's tensors are read
     return state["config"], extract_state_dict(state, f"checkpoint {target}"), f"checkpoint {target}"

@@ -80,7 +80,10 @@ def load_state_dict_file(path: str | Path, what: str = "weights file") -> dict[s
     errors name ``what`` (e.g. ``teacher checkpoint``) and the file."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        return extract_state_dict(read_torch_file(path, what, WEIGHTS_EXPECTED), f"{what} {path}")
+        # Memory-mapped when torch's zip format allows (an skd checkpoint's optimizer state and
+        # PS-KD memory are never read); the legacy format cannot be mapped.
+        mmap = path.is_file() and zipfile.is_zipfile(path)
+        return extract_state_dict(read_torch_file(path, what, WEIGHTS_EXPECTED, mmap=mmap), f"{what} {path}")
     _check_is_file(path, what)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
