@@ -196,8 +196,8 @@ def read_field(path: str | Path, key: str) -> Any:
     """The top-level ``key`` of a checkpoint, read without loading its tensors (memory-mapped);
     None for a checkpoint without it or a file that does not load."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001  a damaged file belongs to no run
+        state = read_torch_file(path, "checkpoint", _EXPECTED, mmap=True)
+    except SkdError:  # a missing or damaged file belongs to no run
         return None
     return state.get(key) if isinstance(state, dict) else None
 
