@@ -486,8 +486,7 @@ def test_fsp_needs_equal_channels_and_one_process(teacher_file, monkeypatch):
     with pytest.raises(ValueError, match="equal channel counts"):
         _method("fsp", teacher_file)  # resnet20 (16, 16, 32, 64) vs resnet8x4 (32, 64, 128, 256)
     import skd.methods.fsp as fsp_module
-    monkeypatch.setattr(fsp_module.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(fsp_module.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(fsp_module, "world", lambda: (0, 2))  # as on the first of two processes
     with pytest.raises(ValueError, match="one process"):
         _method("fsp", teacher_file, student="resnet8x4_cifar")
     assert not _method("fsp", teacher_file, student="resnet8x4_cifar", init_epochs=0).init_stage

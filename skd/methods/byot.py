@@ -29,7 +29,7 @@ from skd import losses
 from skd.batch import Batch
 from skd.config_checks import bounded
 from skd.errors import ConfigError
-from skd.features import (FeatureTap, default_input_size, forward_with_maps, is_token_model,
+from skd.features import (FeatureTap, forward_with_maps, is_token_model,
                           num_feature_maps, probe_features)
 from skd.methods.base import DataSpec, Method, MethodConfig
 from skd.methods.registry import register_method
@@ -108,7 +108,7 @@ class BYOT(Method):
         self.taps: list[FeatureTap] = list(cfg.taps) or section_taps(model)
         # One dry run sizes the heads: each tap's channels and resolution against the last map's,
         # and the width of the pooled vector the classifier reads (the hints' target).
-        probe = probe_features(model, [*self.taps, -1], with_embedding=True, input_size=default_input_size(model))
+        probe = probe_features(model, [*self.taps, -1], with_embedding=True)
         *maps, last = probe.maps
         if not maps:
             raise ConfigError(f"config key 'method.taps': {type(model).__name__} has a single feature map, so "

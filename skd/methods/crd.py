@@ -36,6 +36,7 @@ from torch import nn
 
 from skd import losses
 from skd.batch import Batch
+from skd.collectives import world
 from skd.config_checks import bounded
 from skd.errors import DataError
 from skd.features import Features
@@ -90,9 +91,10 @@ class CRD(FeatureKD):
         if not self._normalizer_known:  # once per process: a host sync on the first step
             if bool((self.normalizer < 0).any()):
                 z = torch.stack([scores_s.mean(), scores_t.mean()]).detach() * self.data.num_samples
-                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                world_size = world()[1]
+                if world_size > 1:
                     dist.all_reduce(z)
-                    z /= dist.get_world_size()
+                    z /= world_size
                 self.normalizer.copy_(z)
             self._normalizer_known = True
         return self.normalizer

@@ -27,11 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from skd import losses
 from skd.batch import Batch
+from skd.collectives import world
 from skd.config_checks import bounded
 from skd.errors import ConfigError
 from skd.features import FeatureTap, Features, num_feature_maps
@@ -62,8 +62,7 @@ class FSP(FeatureKD):
         if channels_s != channels_t:
             raise ConfigError(f"method 'fsp' needs equal channel counts map by map, got student "
                               f"{channels_s} and teacher {channels_t}")
-        if cfg.init_epochs and dist.is_available() and dist.is_initialized() \
-                and dist.get_world_size() > 1:
+        if cfg.init_epochs and world()[1] > 1:
             raise ConfigError("method 'fsp' with init_epochs > 0 trains on one process only: the "
                               "classifier is idle during the init stage, which DDP rejects")
         self.init_stage = cfg.init_epochs > 0

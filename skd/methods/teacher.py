@@ -168,7 +168,8 @@ class TeacherMethod(Method):
         size = self._frozen["teacher_input"].size
         if size is None:
             return default, default
-        return (3, self.data.img_size, self.data.img_size), (3, size, size)
+        channels = default[0]
+        return (channels, self.data.img_size, self.data.img_size), (channels, size, size)
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
