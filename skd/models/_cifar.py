@@ -16,6 +16,8 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from skd.weights import extract_state_dict
+
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 """RepDistiller ``dataset/cifar100.py``."""
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -35,11 +37,10 @@ def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 def _checkpoint_filter(state_dict: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """Accept the official checkpoints as well as our own: RepDistiller / ICKD save
-    ``{"model": ...}`` (timm unwraps it), PS-KD ``{"net": ...}`` with DDP ``module.`` prefixes."""
-    if "net" in state_dict and isinstance(state_dict["net"], dict):
-        state_dict = state_dict["net"]
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+    """timm's ``pretrained_cfg_overlay=dict(file=...)`` accepts what ``skd.weights`` reads: the
+    official checkpoints (RepDistiller / ICKD ``{"model": ...}``, PS-KD ``{"net": ...}`` with DDP
+    ``module.`` prefixes) as well as skd's own."""
+    return extract_state_dict(state_dict, "pretrained file")
 
 
 def _pool(pool_type: str) -> SelectAdaptivePool2d:
