@@ -33,6 +33,7 @@ from skd.features import (FeatureTap, forward_with_maps, is_token_model,
                           num_feature_maps, probe_features)
 from skd.methods.base import DataSpec, Method, MethodConfig
 from skd.methods.registry import register_method
+from skd.models._cifar import kaiming_conv_bn_init
 
 __all__ = ["BYOT", "BottleneckHead", "section_taps"]
 
@@ -59,12 +60,7 @@ class BottleneckHead(nn.Module):
         self.downsample = nn.Sequential(*conv_bn_relu(width, width, stride))
         self.expand = nn.Sequential(*conv_bn_relu(width, out_channels, 1))
         self.fc = nn.Linear(out_channels, num_classes)
-        for m in self.modules():  # the official initialisation of every convolution and BatchNorm
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_conv_bn_init(self)  # the official initialisation of every convolution and BatchNorm
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pooled feature [B, out_channels], logits [B, num_classes])`` of a map ``[B, C, H, W]``."""

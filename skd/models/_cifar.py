@@ -43,6 +43,17 @@ def _checkpoint_filter(state_dict: dict[str, Any], model: nn.Module) -> dict[str
     return extract_state_dict(state_dict, "pretrained file")
 
 
+def kaiming_conv_bn_init(module: nn.Module) -> None:
+    """The official CIFAR nets' initialisation: Kaiming-normal (fan-out) convolutions, BatchNorms
+    of weight 1 and bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def _pool(pool_type: str) -> SelectAdaptivePool2d:
     # timm flattens only when it pools ("" is a pass-through that keeps the map).
     return SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from skd.models._cifar import CIFAR10_MEAN, CIFAR10_STD, build_cifar_model, cifar_cfg
+from skd.models._cifar import CIFAR10_MEAN, CIFAR10_STD, build_cifar_model, cifar_cfg, kaiming_conv_bn_init
 from skd.models.bottleneck_resnet import Bottleneck
 from skd.models.preact_resnet import PreActResNet
 
@@ -52,14 +52,8 @@ class BasicBlock(nn.Module):
 
 def _official_init(model: PreActResNet, pretrained: bool) -> PreActResNet:
     """Kaiming-normal convolutions and unit BatchNorms, unless weights were loaded."""
-    if pretrained:
-        return model
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    if not pretrained:
+        kaiming_conv_bn_init(model)
     return model
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from skd.models._cifar import CifarNet, build_cifar_model, cifar_cfg
+from skd.models._cifar import CifarNet, build_cifar_model, cifar_cfg, kaiming_conv_bn_init
 
 __all__ = ["CifarResNet", "WideResNet", "VGG"]
 
@@ -81,12 +81,7 @@ class CifarResNet(CifarNet):
             self.feature_info.append(dict(num_chs=planes, reduction=reduction,
                                           module=f"layer{i + 1}"))
         self._init_head(inplanes, num_classes, global_pool, drop_rate)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_conv_bn_init(self)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn1(self.conv1(x)))
