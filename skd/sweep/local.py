@@ -26,7 +26,8 @@ from pathlib import Path
 from subprocess import Popen, STDOUT
 from typing import Callable, Iterator, TextIO
 
-from skd.sweep.runs import LOG_FILE, PlannedRun, Sweep, SweepError, exit_meaning, mark_state, read_status
+from skd.sweep.runs import (LOG_FILE, PlannedRun, Sweep, SweepError, exit_meaning, exit_outcome, mark_state,
+                            read_status)
 
 __all__ = ["LAUNCH_DIR", "visible_gpus", "train_command", "run_local"]
 
@@ -166,18 +167,15 @@ def run_local(sweep: Sweep, runs: list[PlannedRun], *, parallel: int = 1, gpus_p
         a.log.close()
         run_dir = a.run.path(sweep.root)
         minutes = (time.time() - a.started) / 60
-        if code == 0 and (run_dir / "metrics.json").is_file():
-            mark_state(run_dir, "done", exit_status=0)
+        status = exit_outcome(code, run_dir)
+        mark_state(run_dir, status, exit_status=code)
+        outcome[status] += 1
+        if status == "done":
             top1 = read_status(run_dir).top1
-            outcome["done"] += 1
             echo(f"done     {a.run.label} in {minutes:.1f} min" + (f": top-1 {top1:.2f}" if top1 is not None else ""))
-        elif code < 0 or code > 128:  # ended by a signal: a checkpoint, or a kill; resumable
-            mark_state(run_dir, "stopped", exit_status=code)
-            outcome["stopped"] += 1
+        elif status == "stopped":
             echo(f"stopped  {a.run.label} ({exit_meaning(code)}); the next sweep resumes it")
         else:
-            mark_state(run_dir, "failed", exit_status=code)
-            outcome["failed"] += 1
             echo(f"FAILED   {a.run.label} ({exit_meaning(code)}): {_last_line(run_dir / LOG_FILE)}")
 
     with _exclusive(sweep.root), _catch_signals(stop.append):

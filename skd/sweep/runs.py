@@ -33,7 +33,7 @@ from skd.columns import align_columns
 from skd.errors import MissingFileError, SkdError
 
 __all__ = ["SWEEP_FILE", "STATE_FILE", "CONFIG_FILE", "LOG_FILE", "SweepError", "PlannedRun", "Sweep",
-           "RunStatus", "read_status", "mark_state", "format_status", "exit_meaning"]
+           "RunStatus", "read_status", "mark_state", "format_status", "exit_outcome", "exit_meaning"]
 
 SWEEP_FILE = "sweep.json"
 STATE_FILE = "sweep_state.json"
@@ -211,6 +211,14 @@ def read_status(run_dir: Path) -> RunStatus:
     where = state.get("slurm_job") or (f"{state['host']} pid {state['pid']}" if "host" in state else "")
     return RunStatus(status, int(last["epoch"]) + 1 if "epoch" in last else 0, last.get("top1"),
                      state.get("exit_status"), where, _newest_change(run_dir), state.get("slurm_job"))
+
+
+def exit_outcome(code: int, run_dir: Path) -> str:
+    """What an ended ``skd train`` of ``run_dir`` left: ``done`` (exit 0 and ``metrics.json``),
+    ``stopped`` (ended by a signal: a stop checkpoint, or a kill; resumable) or ``failed``."""
+    if code == 0 and (run_dir / "metrics.json").is_file():
+        return "done"
+    return "stopped" if code < 0 or code > 128 else "failed"
 
 
 def exit_meaning(code: int | None) -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from skd.errors import run_command
 from skd.sweep.local import LAUNCH_DIR
-from skd.sweep.runs import LOG_FILE, PlannedRun, Sweep, SweepError, mark_state, read_status
+from skd.sweep.runs import LOG_FILE, PlannedRun, Sweep, SweepError, exit_outcome, mark_state, read_status
 
 __all__ = ["CPUS_PER_GPU", "SlurmOptions", "array_spec", "sbatch_script", "select_for_submission", "write_submission",
            "submit", "task_command", "run_task", "main"]
@@ -266,7 +266,7 @@ def run_task(root: Path, index: int, env: dict[str, str] | None = None) -> int:
                     _signal_step(env.get("SLURM_JOB_ID"), signals[passed - 1])
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     code = process.wait(timeout=0.2)
-    if code == 0 and (run_dir / "metrics.json").is_file():
+    if code is not None and exit_outcome(code, run_dir) == "done":
         mark_state(run_dir, "done", exit_status=0, slurm_job=job)
         return 0
     if signals:  # the time limit, or a preemption's signal: continue in a requeued task
@@ -277,7 +277,7 @@ def run_task(root: Path, index: int, env: dict[str, str] | None = None) -> int:
         print(f"{run.label}: stopped by {signal.Signals(signals[0]).name} (exit {code}); "
               f"{'requeued' if status == 'queued' else 'requeue failed: ' + requeued.stderr.strip()}", flush=True)
         return code
-    mark_state(run_dir, "stopped" if code < 0 or code > 128 else "failed", exit_status=code, slurm_job=job)
+    mark_state(run_dir, exit_outcome(code, run_dir), exit_status=code, slurm_job=job)
     return code
 
 
