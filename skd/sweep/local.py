@@ -60,7 +60,6 @@ class _Active:
     run: PlannedRun
     process: Popen
     log: TextIO
-    slot: int
     started: float
     signalled: int = 0
     """How many of the sweep's signals this run has been sent."""
@@ -159,7 +158,7 @@ def run_local(sweep: Sweep, runs: list[PlannedRun], *, parallel: int = 1, gpus_p
         process = Popen(train_command(run.train_args(sweep.root), len(gpus), 29500 + os.getpid() % 1000 + slot),
                         stdout=log, stderr=STDOUT, env=env, start_new_session=True)
         mark_state(run_dir, "running", host=socket.gethostname(), pid=process.pid, gpus=",".join(gpus))
-        active[slot] = _Active(run, process, log, slot, time.time())
+        active[slot] = _Active(run, process, log, time.time())
         where = f" on GPUs {','.join(gpus)}" if gpus else ""
         echo(f"started  {run.label}{where}: {run_dir / LOG_FILE}")
 
